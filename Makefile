@@ -1,0 +1,51 @@
+# Structured GPT-2: CPU trainer, tools, tests and benchmarks.
+#   make            build the CPU trainer and the tokenize tool
+#   make data       tokenize the shipped tinyshakespeare into data/tinyshakespeare/ (the default data)
+#   make test       install missing Debian packages, build, and run every CPU test (test/run)
+#   make bench      CPU benchmarks (tokenizer vs npm tiktoken, ...)
+#   make clean      remove build outputs (keeps data/ shards)
+CC      ?= gcc
+CFLAGS  ?= -O3 -march=native
+CFLAGS  += -std=gnu11 -fopenmp -Wall -Wextra -Wno-unused-function -Wno-unused-parameter -Wno-format-truncation -I.
+LDLIBS  += -lcjson -lpcre2-8 -lopenblas -lm
+HEADERS := $(wildcard llmc/*.h)
+
+TS_DIR  := data/tinyshakespeare
+TS_BINS := $(TS_DIR)/tiny_shakespeare_train.bin $(TS_DIR)/tiny_shakespeare_val.bin
+
+.PHONY: all data test deps bench bench-tokenizer clean
+all: tokenize $(if $(wildcard train_gpt2.c),train_gpt2)
+
+train_gpt2: train_gpt2.c $(HEADERS)
+	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
+
+tokenize: dev/data/tokenize.c $(HEADERS)
+	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
+
+build/prepare_tinyshakespeare: dev/data/prepare_tinyshakespeare.c $(HEADERS)
+	@mkdir -p build
+	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
+
+data: $(TS_BINS)
+$(TS_BINS) &: build/prepare_tinyshakespeare data/tinyshakespeare.txt data/gpt2.tiktoken
+	build/prepare_tinyshakespeare data/tinyshakespeare.txt $(TS_DIR)
+
+# Tests: every test/test_*.c is one program; test_gpt2*.c include train_gpt2.c under TESTING.
+build/test/%: test/%.c test/test.h $(HEADERS) $(wildcard train_gpt2.c)
+	@mkdir -p build/test
+	$(CC) $(CFLAGS) -DTESTING -o $@ $< $(LDLIBS)
+
+deps:
+	@dev/install_deps.sh
+
+test: deps
+	$(MAKE) all data
+	test/run
+
+bench: bench-tokenizer
+
+bench-tokenizer: deps all
+	dev/data/bench_tokenizer
+
+clean:
+	rm -rf build train_gpt2 tokenize

@@ -1,0 +1,248 @@
+// The CPU trainer against the PyTorch reference (test/fixtures/gpt2_dense.safetensors, written by
+// dev/reference/make_fixtures.py from DESIGN's formulas, not from this code) and against finite
+// differences. Also writes build/test/gpt2_c/ (our checkpoint and logits) for test_gpt2_torch.py.
+//
+// Tolerances, all measured as max|ours - ref| / max|ref| over a tensor (error relative to the
+// tensor's scale, so entries that are near zero by chance do not dominate):
+//   forward logits and loss: 1e-5. Both sides are fp32 and differ only in summation order; a dot
+//     product of length K <= 256 accumulates ~sqrt(K) * 6e-8 ~ 1e-6 relative error per layer.
+//   gradients: 1e-4. Backward chains about twice as many fp32 reductions, through the softmax
+//     (whose outputs are differences of nearly equal numbers) and over all B*T tokens.
+//   10 AdamW steps: losses 1e-4, parameters 1e-4 of the tensor's scale. Adam divides by sqrt(v), so a
+//     gradient entry near zero turns rounding noise into an update of up to lr = 1e-3 on one entry;
+//     the key slice of attn_qkv.b, whose true gradient is zero, gets that bound (see below); every
+//     other entry must be within 1e-4 of its tensor's scale.
+#include "train_gpt2.c"
+#include "test/test.h"
+
+#define FIXTURE "test/fixtures/gpt2_dense.safetensors"
+
+static const float *fixture_f32(const SafeTensors *st, const char *name, size_t want) {
+    const char *dtype;
+    int ndim;
+    long long shape[4];
+    const float *p = safetensors_find(st, name, &dtype, &ndim, shape);
+    size_t n = 1;
+    for (int d = 0; p && d < ndim; d++) n *= (size_t)shape[d];
+    if (!p || strcmp(dtype, "F32") || (want && n != want)) {
+        fprintf(stderr, "fixture %s: tensor %s missing or of the wrong size\n", FIXTURE, name);
+        exit(1);
+    }
+    return p;
+}
+
+static const int *fixture_i32(const SafeTensors *st, const char *name) {
+    const char *dtype;
+    int ndim;
+    long long shape[4];
+    const int *p = safetensors_find(st, name, &dtype, &ndim, shape);
+    if (!p || strcmp(dtype, "I32")) { fprintf(stderr, "fixture: %s missing\n", name); exit(1); }
+    return p;
+}
+
+// logits (B*T, Vp) of the model's last forward, compared on the first V columns with ref (B*T, V)
+static double logits_err(GPT2 *m, const float *ref, int N) {
+    double worst = 0.0, scale = max_abs(ref, (size_t)N * m->V);
+    for (int n = 0; n < N; n++) {
+        double e = max_rel_err(m->acts.logits + (size_t)n * m->Vp, ref + (size_t)n * m->V, m->V, scale);
+        if (e > worst) worst = e;
+    }
+    return worst;
+}
+
+static double loss_at(GPT2 *m, const int *in, const int *tg, int B, int T) {
+    gpt2_forward(m, in, tg, B, T);
+    return m->mean_loss;
+}
+
+int main(void) {
+    char err[ERRLEN], name[128];
+    SafeTensors fx;
+    if (safetensors_read(&fx, FIXTURE, err, sizeof err)) { printf("FAIL - fixture: %s\n", err); return 1; }
+    Config cfg;
+    if (config_from_json_string(&cfg, safetensors_meta(&fx, "config"), FIXTURE, NULL, 0, err, sizeof err)) {
+        printf("FAIL - fixture config: %s\n", err);
+        return 1;
+    }
+    int B = cfg.train.micro_batch, T = cfg.train.seq_len, N = B * T;
+    const int *inputs = fixture_i32(&fx, "inputs"), *targets = fixture_i32(&fx, "targets");
+    GPT2 m;
+    gpt2_build(&m, &cfg, B, T);
+    check(load_tensors(&m, &fx, FIXTURE, "", m.params, err) == 0, "load fixture weights", "%s", err);
+    float *initial = xmalloc(m.num_params * sizeof(float));
+    memcpy(initial, m.params, m.num_params * sizeof(float));
+
+    // forward: logits and loss
+    gpt2_forward(&m, inputs, NULL, B, T);
+    const float *ref_logits = fixture_f32(&fx, "logits", (size_t)N * m.V);
+    double e = logits_err(&m, ref_logits, N);
+    check(e < 1e-5, "forward logits vs PyTorch", "rel err %.3g >= 1e-5", e);
+    float *our_logits = xmalloc((size_t)N * m.Vp * sizeof(float));
+    memcpy(our_logits, m.acts.logits, (size_t)N * m.Vp * sizeof(float));
+    gpt2_forward(&m, inputs, targets, B, T);
+    double ref_loss = fixture_f32(&fx, "loss", 1)[0];
+    check(fabs(m.mean_loss - ref_loss) < 1e-5 * fabs(ref_loss), "loss vs PyTorch", "ours %.8f ref %.8f",
+          m.mean_loss, ref_loss);
+
+    // backward: every gradient
+    gpt2_zero_grad(&m);
+    gpt2_backward(&m, 1.0f);
+    for (int i = 0; i < m.ntensors; i++) {
+        ParamTensor *t = &m.tensors[i];
+        snprintf(name, sizeof name, "grad.%s", t->name);
+        const float *ref = fixture_f32(&fx, name, t->size);
+        double scale = max_abs(ref, t->size);
+        char label[160];
+        snprintf(label, sizeof label, "gradient %s vs PyTorch", t->name);
+        if (scale == 0.0) {  // the padded rows of wte and nothing else may have an all-zero gradient
+            check(max_abs(m.grads + t->offset, t->size) == 0.0, label, "reference is zero, ours is not");
+            continue;
+        }
+        e = max_rel_err(m.grads + t->offset, ref, t->size, scale);
+        check(e < 1e-4, label, "rel err %.3g >= 1e-4", e);
+    }
+
+    // finite differences on the C forward itself: a 5-point stencil (truncation O(h^4)) on the 2
+    // largest-gradient entries of every tensor. The loss is fp32 (rounding ~6e-8 * 6 per evaluation,
+    // ~4e-6 in the estimate at h = 1e-2), so entries are chosen where the gradient is large and the
+    // tolerance is 2% of the gradient plus 1e-4 absolute.
+    {
+        float *grads = xmalloc(m.num_params * sizeof(float));
+        memcpy(grads, m.grads, m.num_params * sizeof(float));
+        int bad = 0, checked = 0;
+        char worst[256] = "";
+        for (int i = 0; i < m.ntensors; i++) {
+            ParamTensor *t = &m.tensors[i];
+            size_t best[2] = {0, 0};
+            for (size_t j = 0; j < t->size; j++) {
+                float g = fabsf(grads[t->offset + j]);
+                if (g > fabsf(grads[t->offset + best[0]])) { best[1] = best[0]; best[0] = j; }
+                else if (j != best[0] && g > fabsf(grads[t->offset + best[1]])) best[1] = j;
+            }
+            for (int k = 0; k < 2; k++) {
+                size_t idx = t->offset + best[k];
+                if (grads[idx] == 0.0f) continue;
+                float p0 = m.params[idx], h = 1e-2f;
+                double f[4];
+                const float steps[4] = {-2, -1, 1, 2};
+                for (int s = 0; s < 4; s++) { m.params[idx] = p0 + steps[s] * h; f[s] = loss_at(&m, inputs, targets, B, T); }
+                m.params[idx] = p0;
+                double fd = (f[0] - 8 * f[1] + 8 * f[2] - f[3]) / (12.0 * h);
+                double diff = fabs(fd - grads[idx]);
+                checked++;
+                if (diff > 0.02 * fabs(grads[idx]) + 1e-4) {
+                    bad++;
+                    snprintf(worst, sizeof worst, "%s[%zu]: analytic %.6g fd %.6g", t->name, best[k], grads[idx], fd);
+                }
+            }
+        }
+        check(bad == 0 && checked > 2 * m.ntensors - 4, "finite differences (5-point, fp32 forward)",
+              "%d of %d entries off; last: %s", bad, checked, worst);
+        free(grads);
+    }
+
+    // 10 AdamW steps on the same batch: loss trajectory and final parameters
+    memcpy(m.params, initial, m.num_params * sizeof(float));
+    memset(m.m, 0, m.num_params * sizeof(float));
+    memset(m.v, 0, m.num_params * sizeof(float));
+    const float *ref_losses = fixture_f32(&fx, "steps.loss", 10);
+    float losses[10];
+    double lr_sum = 0.0;
+    for (int step = 0; step < 10; step++) {
+        gpt2_zero_grad(&m);
+        gpt2_forward(&m, inputs, targets, B, T);
+        losses[step] = m.mean_loss;
+        gpt2_backward(&m, 1.0f);
+        float lr;
+        gpt2_optimizer_step(&m, step, &lr);
+        lr_sum += lr;
+    }
+    e = max_rel_err(losses, ref_losses, 10, 0.0);
+    check(e < 1e-4, "10-step loss trajectory vs PyTorch", "rel err %.3g (first %.6f vs %.6f, last %.6f vs %.6f)",
+          e, losses[0], ref_losses[0], losses[9], ref_losses[9]);
+    check(losses[9] < losses[0] - 0.1, "10 steps reduce the loss", "%.4f -> %.4f", losses[0], losses[9]);
+    int bad = 0;
+    char worst[256] = "";
+    for (int i = 0; i < m.ntensors; i++) {
+        ParamTensor *t = &m.tensors[i];
+        snprintf(name, sizeof name, "final.%s", t->name);
+        const float *ref = fixture_f32(&fx, name, t->size);
+        double scale = max_abs(ref, t->size);
+        for (size_t j = 0; j < t->size; j++) {
+            double d = fabs((double)m.params[t->offset + j] - ref[j]);
+            // The key slice of attn_qkv.b has an exactly-zero gradient (softmax is invariant to adding
+            // q.b_k to every score), so both sides hold pure rounding noise that Adam normalizes into
+            // steps of up to lr: there the bound is the sum of the 10 learning rates.
+            int key_bias = strstr(t->name, "attn_qkv.b") && j >= (size_t)m.C && j < 2 * (size_t)m.C;
+            double tol = key_bias ? lr_sum : 1e-4 * scale;
+            if (d > tol) { bad++; snprintf(worst, sizeof worst, "%s[%zu] off by %.3g > %.3g", t->name, j, d, tol); }
+        }
+    }
+    check(bad == 0, "parameters after 10 AdamW steps vs PyTorch", "%d entries off; last %s", bad, worst);
+
+    // our checkpoint of the trained model, and its logits, for test_gpt2_torch.py (PyTorch must reproduce them)
+    {
+        TrainState st = {.step = 10, .tokens = 10LL * N};
+        snprintf(st.dataloader, sizeof st.dataloader, "{}");
+        system("rm -rf build/test/gpt2_c");
+        int rc = gpt2_save_checkpoint(&m, "build/test/gpt2_c", &st, err);
+        check(rc == 0, "save checkpoint of the trained model", "%s", err);
+        gpt2_forward(&m, inputs, NULL, B, T);
+        float *lg = xmalloc((size_t)N * m.V * sizeof(float));
+        for (int n = 0; n < N; n++) memcpy(lg + (size_t)n * m.V, m.acts.logits + (size_t)n * m.Vp, m.V * sizeof(float));
+        StTensor out[2] = {{"inputs", "I32", inputs, 2, {B, T}}, {"logits", "F32", lg, 3, {B, T, m.V}}};
+        rc = safetensors_write("build/test/gpt2_c/logits.safetensors", out, 2, NULL, NULL, 0, err, sizeof err);
+        check(rc == 0, "write C logits for the PyTorch check", "%s", err);
+        free(lg);
+        // the checkpoint loads back bit-exactly
+        GPT2 m2;
+        gpt2_build(&m2, &cfg, B, T);
+        rc = gpt2_init_from(&m2, "build/test/gpt2_c/ckpt_00000010", err);
+        check(rc == 0 && memcmp(m2.params, m.params, m.num_params * sizeof(float)) == 0,
+              "checkpoint round trip is bit-exact", "%s", rc ? err : "parameters differ");
+        gpt2_free(&m2);
+    }
+
+    // llm.c model files of the initial weights (written by the reference) give the reference logits
+    {
+        GPT2 m2;
+        gpt2_build(&m2, &cfg, B, T);
+        int rc = gpt2_init_from(&m2, "test/fixtures/gpt2_dense_llmc_fp32.bin", err);
+        check(rc == 0, "load llm.c fp32 model file", "%s", err);
+        check(rc == 0 && memcmp(m2.params, initial, m.num_params * sizeof(float)) == 0,
+              "llm.c fp32 file holds exactly the fixture weights", "parameters differ");
+        gpt2_forward(&m2, inputs, NULL, B, T);
+        e = logits_err(&m2, ref_logits, N);
+        check(e < 1e-5, "llm.c fp32 file: logits vs PyTorch", "rel err %.3g", e);
+        check(memcmp(m2.acts.logits, our_logits, (size_t)N * m.Vp * sizeof(float)) == 0,
+              "llm.c fp32 file: logits bit-equal to the safetensors weights'", "differ");
+
+        rc = gpt2_init_from(&m2, "test/fixtures/gpt2_dense_llmc_bf16.bin", err);
+        check(rc == 0, "load llm.c bf16 model file", "%s", err);
+        SafeTensors bf;
+        if (safetensors_read(&bf, "test/fixtures/gpt2_dense_bf16_logits.safetensors", err, sizeof err) == 0) {
+            gpt2_forward(&m2, inputs, NULL, B, T);
+            e = logits_err(&m2, fixture_f32(&bf, "logits", (size_t)N * m.V), N);
+            check(e < 1e-5, "llm.c bf16 file: logits vs PyTorch on the bf16-rounded weights", "rel err %.3g", e);
+            safetensors_free(&bf);
+        } else {
+            check(0, "bf16 logits fixture", "%s", err);
+        }
+        // a model file whose dimensions disagree with the config is refused, naming both
+        Config small = cfg;
+        small.model.n_layer = 1;
+        GPT2 m3;
+        gpt2_build(&m3, &small, B, T);
+        rc = gpt2_init_from(&m3, "test/fixtures/gpt2_dense_llmc_fp32.bin", err);
+        check(rc != 0 && strstr(err, "n_layer is 2") && strstr(err, "model.n_layer is 1"),
+              "llm.c file with other dimensions refused", "rc %d: %s", rc, err);
+        gpt2_free(&m3);
+        gpt2_free(&m2);
+    }
+
+    free(initial);
+    free(our_logits);
+    gpt2_free(&m);
+    safetensors_free(&fx);
+    return test_exit();
+}

@@ -1,0 +1,1029 @@
+/*
+GPT-2 training on the CPU, fp32, OpenMP + OpenBLAS: the reference every GPU result is tested against.
+
+Read top to bottom: the layers (forward and backward side by side, shapes in comments), then the
+model (one allocation each for parameters, gradients, AdamW moments and activations), then the
+training loop (config, data, checkpoints, evaluation, sampling, logging).
+
+Shapes: B batch, T time, C channels (n_embd), NH heads, hs = C/NH, V vocab, Vp padded vocab,
+L layers. Every linear layer stores W as (d_out, d_in), like llm.c, and computes y = x W^T + b.
+*/
+#include <errno.h>
+#include <math.h>
+#include <omp.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <cblas.h>
+
+#include "llmc/config.h"
+#include "llmc/schedule.h"
+#include "llmc/logger.h"
+#include "llmc/checkpoint.h"
+#include "llmc/dataloader.h"
+#include "llmc/tokenizer.h"
+#include "llmc/rand.h"
+
+#define ERRLEN 1024
+
+static void *xmalloc(size_t n) {
+    void *p = malloc(n ? n : 1);
+    if (!p) { fprintf(stderr, "error: out of memory allocating %zu bytes\n", n); exit(1); }
+    return p;
+}
+static void *xcalloc(size_t n) {
+    void *p = calloc(1, n ? n : 1);
+    if (!p) { fprintf(stderr, "error: out of memory allocating %zu bytes\n", n); exit(1); }
+    return p;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Layers
+
+// out (B,T,C) = wte[inp] + wpe[t]
+static void encoder_forward(float *out, const int *inp, const float *wte, const float *wpe,
+                            int B, int T, int C) {
+    #pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            float *o = out + ((size_t)b * T + t) * C;
+            const float *e = wte + (size_t)inp[b * T + t] * C, *p = wpe + (size_t)t * C;
+            for (int i = 0; i < C; i++) o[i] = e[i] + p[i];
+        }
+    }
+}
+// dwte[inp] += dout, dwpe[t] += dout. Serial over tokens: two tokens may share a row of wte,
+// and a fixed order keeps the sum bit-reproducible.
+static void encoder_backward(float *dwte, float *dwpe, const float *dout, const int *inp,
+                             int B, int T, int C) {
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            const float *d = dout + ((size_t)b * T + t) * C;
+            float *de = dwte + (size_t)inp[b * T + t] * C, *dp = dwpe + (size_t)t * C;
+            for (int i = 0; i < C; i++) { de[i] += d[i]; dp[i] += d[i]; }
+        }
+    }
+}
+
+// out (N,C) = (inp - mean) * rstd * w + b over the last dim; mean, rstd (N) kept for backward
+static void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                              const float *w, const float *b, int N, int C) {
+    const float eps = 1e-5f;
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C;
+        float m = 0.0f, v = 0.0f;
+        for (int i = 0; i < C; i++) m += x[i];
+        m /= C;
+        for (int i = 0; i < C; i++) { float d = x[i] - m; v += d * d; }
+        v /= C;
+        float s = 1.0f / sqrtf(v + eps);
+        float *o = out + (size_t)n * C;
+        for (int i = 0; i < C; i++) o[i] = (x[i] - m) * s * w[i] + b[i];
+        mean[n] = m;
+        rstd[n] = s;
+    }
+}
+// dinp (N,C) += LN'(dout); dw, db (C) += ...   dw/db are reduced over N in a fixed thread-chunk
+// order (per-thread partial sums, then a serial sum), so the result does not depend on timing.
+static void layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                               const float *w, const float *mean, const float *rstd, int N, int C) {
+    int nth = omp_get_max_threads();
+    float *partial = xcalloc((size_t)nth * 2 * C * sizeof(float));
+    #pragma omp parallel num_threads(nth)
+    {
+        float *pw = partial + (size_t)omp_get_thread_num() * 2 * C, *pb = pw + C;
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            const float *x = inp + (size_t)n * C, *d = dout + (size_t)n * C;
+            float m = mean[n], s = rstd[n];
+            float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
+            for (int i = 0; i < C; i++) {
+                float norm = (x[i] - m) * s, dnorm = w[i] * d[i];
+                dnorm_mean += dnorm;
+                dnorm_norm_mean += dnorm * norm;
+            }
+            dnorm_mean /= C;
+            dnorm_norm_mean /= C;
+            float *dx = dinp + (size_t)n * C;
+            for (int i = 0; i < C; i++) {
+                float norm = (x[i] - m) * s, dnorm = w[i] * d[i];
+                pb[i] += d[i];
+                pw[i] += norm * d[i];
+                dx[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
+            }
+        }
+    }
+    for (int t = 0; t < nth; t++) {
+        for (int i = 0; i < C; i++) { dw[i] += partial[(size_t)t * 2 * C + i]; db[i] += partial[(size_t)t * 2 * C + C + i]; }
+    }
+    free(partial);
+}
+
+// out (N,OC) = inp (N,IC) W^T + bias, W (OC,IC), bias (OC) or NULL
+static void matmul_forward(float *out, const float *inp, const float *W, const float *bias,
+                           int N, int IC, int OC) {
+    if (bias) {
+        #pragma omp parallel for
+        for (int n = 0; n < N; n++) memcpy(out + (size_t)n * OC, bias, OC * sizeof(float));
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, IC, 1.0f, inp, IC, W, IC,
+                bias ? 1.0f : 0.0f, out, OC);
+}
+// dinp (N,IC) = dout W (overwritten); dW (OC,IC) += dout^T inp; dbias (OC) += column sums of dout
+static void matmul_backward(float *dinp, float *dW, float *dbias, const float *dout, const float *inp,
+                            const float *W, int N, int IC, int OC) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, IC, OC, 1.0f, dout, OC, W, IC, 0.0f, dinp, IC);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dW, IC);
+    if (dbias) {
+        #pragma omp parallel for
+        for (int o = 0; o < OC; o++) {
+            float s = 0.0f;
+            for (int n = 0; n < N; n++) s += dout[(size_t)n * OC + o];
+            dbias[o] += s;
+        }
+    }
+}
+
+// Causal self-attention. qkv (B,T,3C) holds q,k,v each (NH,hs) per token; att (B,NH,T,T) keeps the
+// softmax rows (only t2 <= t written) for backward; out (B,T,C).
+static void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH) {
+    int hs = C / NH, C3 = 3 * C;
+    float scale = 1.0f / sqrtf((float)hs);
+    #pragma omp parallel for collapse(3)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < NH; h++) {
+            for (int t = 0; t < T; t++) {
+                const float *q = qkv + ((size_t)b * T + t) * C3 + h * hs;
+                float *a = att + (((size_t)b * NH + h) * T + t) * T;
+                float maxv = -INFINITY;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float *k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
+                    float s = 0.0f;
+                    for (int i = 0; i < hs; i++) s += q[i] * k[i];
+                    s *= scale;
+                    a[t2] = s;
+                    if (s > maxv) maxv = s;
+                }
+                float sum = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) { a[t2] = expf(a[t2] - maxv); sum += a[t2]; }
+                float inv = 1.0f / sum;
+                for (int t2 = 0; t2 <= t; t2++) a[t2] *= inv;
+                float *o = out + ((size_t)b * T + t) * C + h * hs;
+                for (int i = 0; i < hs; i++) o[i] = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float *v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
+                    for (int i = 0; i < hs; i++) o[i] += a[t2] * v[i];
+                }
+            }
+        }
+    }
+}
+// dqkv (B,T,3C) = attention'(dout). One (b, h) pair per task: it writes only its own head's slice
+// of dqkv, so tasks never race and the accumulation order over t is fixed.
+static void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
+                               int B, int T, int C, int NH) {
+    int hs = C / NH, C3 = 3 * C;
+    float scale = 1.0f / sqrtf((float)hs);
+    #pragma omp parallel
+    {
+        float *dpre = xmalloc((size_t)T * sizeof(float));
+        #pragma omp for collapse(2)
+        for (int b = 0; b < B; b++) {
+            for (int h = 0; h < NH; h++) {
+                for (int t = 0; t < T; t++) {
+                    float *dq = dqkv + ((size_t)b * T + t) * C3 + h * hs;
+                    for (int i = 0; i < hs; i++) dq[i] = 0.0f;
+                    for (int i = 0; i < hs; i++) dq[C + i] = dq[2 * C + i] = 0.0f;
+                }
+                for (int t = 0; t < T; t++) {
+                    const float *a = att + (((size_t)b * NH + h) * T + t) * T;
+                    const float *d = dout + ((size_t)b * T + t) * C + h * hs;
+                    const float *q = qkv + ((size_t)b * T + t) * C3 + h * hs;
+                    float *dq = dqkv + ((size_t)b * T + t) * C3 + h * hs;
+                    // datt[t2] = d . v[t2];  dv[t2] += a[t2] d
+                    float dot = 0.0f;
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        const float *v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
+                        float *dv = dqkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
+                        float s = 0.0f;
+                        for (int i = 0; i < hs; i++) { s += d[i] * v[i]; dv[i] += a[t2] * d[i]; }
+                        dpre[t2] = s;
+                        dot += a[t2] * s;
+                    }
+                    // softmax backward: dpre = a * (datt - sum a*datt), then through the scaled dot product
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        float g = a[t2] * (dpre[t2] - dot) * scale;
+                        const float *k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
+                        float *dk = dqkv + ((size_t)b * T + t2) * C3 + C + h * hs;
+                        for (int i = 0; i < hs; i++) { dq[i] += g * k[i]; dk[i] += g * q[i]; }
+                    }
+                }
+            }
+        }
+        free(dpre);
+    }
+}
+
+// GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+#define GELU_SCALE 0.7978845608028654f
+static void gelu_forward(float *out, const float *inp, size_t N) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < N; i++) {
+        float x = inp[i];
+        out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + 0.044715f * x * x * x)));
+    }
+}
+// dinp = GELU'(inp) * dout (overwritten)
+static void gelu_backward(float *dinp, const float *inp, const float *dout, size_t N) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < N; i++) {
+        float x = inp[i];
+        float u = GELU_SCALE * (x + 0.044715f * x * x * x);
+        float th = tanhf(u);
+        float sech2 = 1.0f - th * th;
+        float g = 0.5f * (1.0f + th) + 0.5f * x * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
+        dinp[i] = g * dout[i];
+    }
+}
+
+// out = a + b
+static void residual_forward(float *out, const float *a, const float *b, size_t N) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < N; i++) out[i] = a[i] + b[i];
+}
+
+// Cross-entropy over the first V of Vp logits, row by row. With targets, logits (N,Vp) are
+// replaced in place by probabilities and losses (N) are written; the padded columns are ignored.
+static void softmax_crossentropy_forward(float *logits, float *losses, const int *targets,
+                                         int N, int V, int Vp) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        float *z = logits + (size_t)n * Vp;
+        float maxv = -INFINITY;
+        for (int i = 0; i < V; i++) if (z[i] > maxv) maxv = z[i];
+        float sum = 0.0f;
+        for (int i = 0; i < V; i++) { z[i] = expf(z[i] - maxv); sum += z[i]; }
+        float inv = 1.0f / sum;
+        for (int i = 0; i < V; i++) z[i] *= inv;
+        for (int i = V; i < Vp; i++) z[i] = 0.0f;
+        losses[n] = -logf(z[targets[n]]);
+    }
+}
+// dlogits (N,Vp) = (probs - onehot(target)) * dloss, in place over the probabilities
+static void softmax_crossentropy_backward(float *probs, const int *targets, int N, int Vp, float dloss) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        float *p = probs + (size_t)n * Vp;
+        for (int i = 0; i < Vp; i++) p[i] *= dloss;
+        p[targets[n]] -= dloss;
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Parameters: a table of named tensors over one allocation. The names are the checkpoint names
+// (DESIGN section 5), so saving, loading, weight decay and the llm.c import all read this table.
+
+#define MAX_TENSORS 1024
+typedef struct {
+    char name[64];
+    size_t offset, size;   // in floats, into params / grads / m / v
+    int ndim;
+    long long shape[4];
+    int decay;             // AdamW weight decay: matrices yes; biases, LayerNorm no
+} ParamTensor;
+
+// One linear layer: y (N, d_out) = x (N, d_in) W^T + b. Structured types (later issues) add cores.
+typedef struct {
+    int type_dense;        // only dense in this version (config_check_implemented refuses others)
+    int d_in, d_out;
+    int W, b;              // tensor indices
+} Linear;
+
+typedef struct {
+    int ln1w, ln1b, ln2w, ln2b;
+    Linear lin[NUM_LINEAR];  // attn_qkv, attn_proj, mlp_fc, mlp_proj
+} LayerParams;
+
+// Activations kept for backward, one allocation; per layer: sizes for (B, T) = (Bmax, Tmax)
+typedef struct {
+    float *encoded;                   // (B,T,C)
+    float *ln1, *ln1_mean, *ln1_rstd; // (L,B,T,C), (L,B,T) x2
+    float *qkv;                       // (L,B,T,3C)
+    float *att;                       // (L,B,NH,T,T)
+    float *atty;                      // (L,B,T,C)
+    float *res2;                      // (L,B,T,C)
+    float *ln2, *ln2_mean, *ln2_rstd; // (L,B,T,C), (L,B,T) x2
+    float *fch, *fch_gelu;            // (L,B,T,4C) x2
+    float *res3;                      // (L,B,T,C)
+    float *lnf, *lnf_mean, *lnf_rstd; // (B,T,C), (B,T) x2
+    float *logits;                    // (B,T,Vp): logits, then probabilities, then dlogits
+    float *losses;                    // (B,T)
+    // backward scratch, reused by every layer
+    float *dres, *dln, *datty;        // (B,T,C)
+    float *dqkv;                      // (B,T,3C)
+    float *dfch_gelu, *dfch;          // (B,T,4C)
+} Activations;
+
+typedef struct {
+    Config cfg;
+    int L, C, NH, V, Vp, maxT;
+    ParamTensor tensors[MAX_TENSORS];
+    int ntensors;
+    size_t num_params;
+    float *params, *grads, *m, *v;    // one allocation each, num_params floats
+    int wte, wpe, lnfw, lnfb;         // tensor indices
+    LayerParams *layers;              // (L)
+    Activations acts;
+    float *act_memory;
+    int Bmax, Tmax;
+    int B, T;                         // shape of the last forward
+    const int *inputs, *targets;      // of the last forward (caller-owned)
+    float mean_loss;                  // of the last forward with targets, else -1
+} GPT2;
+
+static float *P(GPT2 *m, int t) { return m->params + m->tensors[t].offset; }
+static float *G(GPT2 *m, int t) { return m->grads + m->tensors[t].offset; }
+
+static int add_tensor(GPT2 *m, const char *name, int ndim, long long d0, long long d1, int decay) {
+    if (m->ntensors == MAX_TENSORS) { fprintf(stderr, "error: more than %d tensors\n", MAX_TENSORS); exit(1); }
+    ParamTensor *t = &m->tensors[m->ntensors];
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->ndim = ndim;
+    t->shape[0] = d0;
+    t->shape[1] = d1;
+    t->size = (size_t)d0 * (ndim > 1 ? (size_t)d1 : 1);
+    t->offset = m->num_params;
+    t->decay = decay;
+    m->num_params += t->size;
+    return m->ntensors++;
+}
+
+static int find_tensor(const GPT2 *m, const char *name) {
+    for (int i = 0; i < m->ntensors; i++) if (!strcmp(m->tensors[i].name, name)) return i;
+    return -1;
+}
+
+static Linear add_linear(GPT2 *m, int layer, int which, int d_in, int d_out) {
+    char name[64];
+    Linear lin = {.type_dense = 1, .d_in = d_in, .d_out = d_out};
+    snprintf(name, sizeof name, "h.%d.%s.W", layer, linear_names[which]);
+    lin.W = add_tensor(m, name, 2, d_out, d_in, 1);
+    snprintf(name, sizeof name, "h.%d.%s.b", layer, linear_names[which]);
+    lin.b = add_tensor(m, name, 1, d_out, 0, 0);
+    return lin;
+}
+
+// Lays out every parameter and allocates parameters, gradients, AdamW moments and activations
+// for micro-batches up to (Bmax, Tmax). Weights are left zero: initialize or load them next.
+static void gpt2_build(GPT2 *m, const Config *cfg, int Bmax, int Tmax) {
+    memset(m, 0, sizeof *m);
+    m->cfg = *cfg;
+    int L = m->L = cfg->model.n_layer, C = m->C = cfg->model.n_embd;
+    m->NH = cfg->model.n_head;
+    m->V = cfg->model.vocab_size;
+    int Vp = m->Vp = cfg->model.padded_vocab_size;
+    m->maxT = cfg->model.block_size;
+    m->wte = add_tensor(m, "wte", 2, Vp, C, 1);
+    m->wpe = add_tensor(m, "wpe", 2, m->maxT, C, 1);
+    m->layers = xcalloc((size_t)L * sizeof(LayerParams));
+    const int d_in[NUM_LINEAR] = {C, C, C, 4 * C}, d_out[NUM_LINEAR] = {3 * C, C, 4 * C, C};
+    for (int l = 0; l < L; l++) {
+        LayerParams *lp = &m->layers[l];
+        char name[64];
+        snprintf(name, sizeof name, "h.%d.ln1.w", l); lp->ln1w = add_tensor(m, name, 1, C, 0, 0);
+        snprintf(name, sizeof name, "h.%d.ln1.b", l); lp->ln1b = add_tensor(m, name, 1, C, 0, 0);
+        snprintf(name, sizeof name, "h.%d.ln2.w", l); lp->ln2w = add_tensor(m, name, 1, C, 0, 0);
+        snprintf(name, sizeof name, "h.%d.ln2.b", l); lp->ln2b = add_tensor(m, name, 1, C, 0, 0);
+        for (int k = 0; k < NUM_LINEAR; k++) lp->lin[k] = add_linear(m, l, k, d_in[k], d_out[k]);
+    }
+    m->lnfw = add_tensor(m, "lnf.w", 1, C, 0, 0);
+    m->lnfb = add_tensor(m, "lnf.b", 1, C, 0, 0);
+    size_t bytes = m->num_params * sizeof(float);
+    m->params = xcalloc(bytes);
+    m->grads = xcalloc(bytes);
+    m->m = xcalloc(bytes);
+    m->v = xcalloc(bytes);
+
+    // activations: the table order is the layout order of the one allocation
+    m->Bmax = Bmax;
+    m->Tmax = Tmax;
+    size_t BT = (size_t)Bmax * Tmax, NH = m->NH;
+    Activations *a = &m->acts;
+    struct { float **p; size_t n; } table[] = {
+        {&a->encoded, BT * C},
+        {&a->ln1, L * BT * C}, {&a->ln1_mean, L * BT}, {&a->ln1_rstd, L * BT},
+        {&a->qkv, L * BT * 3 * C}, {&a->att, L * Bmax * NH * Tmax * Tmax}, {&a->atty, L * BT * C},
+        {&a->res2, L * BT * C},
+        {&a->ln2, L * BT * C}, {&a->ln2_mean, L * BT}, {&a->ln2_rstd, L * BT},
+        {&a->fch, L * BT * 4 * C}, {&a->fch_gelu, L * BT * 4 * C}, {&a->res3, L * BT * C},
+        {&a->lnf, BT * C}, {&a->lnf_mean, BT}, {&a->lnf_rstd, BT},
+        {&a->logits, BT * Vp}, {&a->losses, BT},
+        {&a->dres, BT * C}, {&a->dln, BT * C}, {&a->datty, BT * C}, {&a->dqkv, BT * 3 * C},
+        {&a->dfch_gelu, BT * 4 * C}, {&a->dfch, BT * 4 * C},
+    };
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) total += table[i].n;
+    m->act_memory = xcalloc(total * sizeof(float));
+    float *p = m->act_memory;
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) { *table[i].p = p; p += table[i].n; }
+    m->mean_loss = -1.0f;
+}
+
+static void gpt2_free(GPT2 *m) {
+    free(m->params); free(m->grads); free(m->m); free(m->v);
+    free(m->act_memory); free(m->layers);
+}
+
+// GPT-2 init: N(0, 0.02) matrices and embeddings, the residual projections (attn_proj, mlp_proj)
+// scaled by 1/sqrt(2 L); biases 0; LayerNorm weight 1, bias 0. Tensors drawn in table order.
+static void gpt2_init_weights(GPT2 *m, uint64_t seed) {
+    Rng rng;
+    rng_seed(&rng, seed);
+    float resid_std = 0.02f / sqrtf(2.0f * m->L);
+    for (int i = 0; i < m->ntensors; i++) {
+        ParamTensor *t = &m->tensors[i];
+        float *p = m->params + t->offset;
+        const char *n = t->name;
+        size_t len = strlen(n);
+        if (len > 2 && !strcmp(n + len - 2, ".w") && strstr(n, "ln")) {
+            for (size_t j = 0; j < t->size; j++) p[j] = 1.0f;
+        } else if (!t->decay) {
+            memset(p, 0, t->size * sizeof(float));
+        } else {
+            int resid = strstr(n, ".attn_proj.") || strstr(n, ".mlp_proj.");
+            rng_normal_fill(&rng, p, t->size, resid ? resid_std : 0.02f);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Forward and backward of the whole model
+
+static void linear_forward(GPT2 *m, const Linear *lin, float *out, const float *inp, int N) {
+    matmul_forward(out, inp, P(m, lin->W), P(m, lin->b), N, lin->d_in, lin->d_out);
+}
+static void linear_backward(GPT2 *m, const Linear *lin, float *dinp, const float *dout, const float *inp, int N) {
+    matmul_backward(dinp, G(m, lin->W), G(m, lin->b), dout, inp, P(m, lin->W), N, lin->d_in, lin->d_out);
+}
+
+// Per-layer activation pointers for the current (B, T): layer l's slice of each (L, ...) buffer.
+typedef struct { float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *res2, *ln2, *ln2_mean, *ln2_rstd,
+                 *fch, *fch_gelu, *res3; } LayerActs;
+static LayerActs layer_acts(GPT2 *m, int l) {
+    Activations *a = &m->acts;
+    size_t BT = (size_t)m->B * m->T, C = m->C;
+    LayerActs la = {
+        a->ln1 + l * BT * C, a->ln1_mean + l * BT, a->ln1_rstd + l * BT, a->qkv + l * BT * 3 * C,
+        a->att + l * (size_t)m->B * m->NH * m->T * m->T, a->atty + l * BT * C, a->res2 + l * BT * C,
+        a->ln2 + l * BT * C, a->ln2_mean + l * BT, a->ln2_rstd + l * BT,
+        a->fch + l * BT * 4 * C, a->fch_gelu + l * BT * 4 * C, a->res3 + l * BT * C};
+    return la;
+}
+static const float *layer_input(GPT2 *m, int l) {
+    return l == 0 ? m->acts.encoded : layer_acts(m, l - 1).res3;
+}
+
+// inputs, targets (B,T); targets may be NULL (then acts.logits holds the logits (B,T,Vp)).
+// With targets: acts.losses (B,T), m->mean_loss, and acts.logits holds the probabilities.
+static void gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, int T) {
+    if (B > m->Bmax || T > m->Tmax || T > m->maxT) {
+        fprintf(stderr, "error: forward (B=%d, T=%d) exceeds the allocation (%d, %d)\n", B, T, m->Bmax, m->Tmax);
+        exit(1);
+    }
+    m->B = B; m->T = T; m->inputs = inputs; m->targets = targets;
+    int C = m->C, N = B * T;
+    Activations *a = &m->acts;
+    encoder_forward(a->encoded, inputs, P(m, m->wte), P(m, m->wpe), B, T, C);
+    for (int l = 0; l < m->L; l++) {
+        LayerParams *lp = &m->layers[l];
+        LayerActs la = layer_acts(m, l);
+        const float *x = layer_input(m, l);
+        layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, x, P(m, lp->ln1w), P(m, lp->ln1b), N, C);
+        linear_forward(m, &lp->lin[LIN_ATTN_QKV], la.qkv, la.ln1, N);
+        attention_forward(la.atty, la.att, la.qkv, B, T, C, m->NH);
+        linear_forward(m, &lp->lin[LIN_ATTN_PROJ], la.res2, la.atty, N);   // attn_proj into res2 ...
+        residual_forward(la.res2, x, la.res2, (size_t)N * C);               // ... then res2 = x + it
+        layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.res2, P(m, lp->ln2w), P(m, lp->ln2b), N, C);
+        linear_forward(m, &lp->lin[LIN_MLP_FC], la.fch, la.ln2, N);
+        gelu_forward(la.fch_gelu, la.fch, (size_t)N * 4 * C);
+        linear_forward(m, &lp->lin[LIN_MLP_PROJ], la.res3, la.fch_gelu, N);
+        residual_forward(la.res3, la.res2, la.res3, (size_t)N * C);
+    }
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, layer_input(m, m->L), P(m, m->lnfw), P(m, m->lnfb), N, C);
+    matmul_forward(a->logits, a->lnf, P(m, m->wte), NULL, N, C, m->Vp);   // tied LM head
+    if (!targets) { m->mean_loss = -1.0f; return; }
+    softmax_crossentropy_forward(a->logits, a->losses, targets, N, m->V, m->Vp);
+    double sum = 0.0;
+    for (int i = 0; i < N; i++) sum += a->losses[i];
+    m->mean_loss = (float)(sum / N);
+}
+
+static void gpt2_zero_grad(GPT2 *m) { memset(m->grads, 0, m->num_params * sizeof(float)); }
+
+// Accumulates into m->grads the gradient of (loss_scale * mean loss) of the last forward with targets.
+// Gradient accumulation over k micro-batches passes loss_scale = 1/k.
+static void gpt2_backward(GPT2 *m, float loss_scale) {
+    if (m->mean_loss < 0.0f) { fprintf(stderr, "error: backward needs a forward with targets\n"); exit(1); }
+    int B = m->B, T = m->T, C = m->C, N = B * T;
+    Activations *a = &m->acts;
+    softmax_crossentropy_backward(a->logits, m->targets, N, m->Vp, loss_scale / N);
+    matmul_backward(a->dln, G(m, m->wte), NULL, a->logits, a->lnf, P(m, m->wte), N, C, m->Vp);
+    memset(a->dres, 0, (size_t)N * C * sizeof(float));
+    layernorm_backward(a->dres, G(m, m->lnfw), G(m, m->lnfb), a->dln, layer_input(m, m->L),
+                       P(m, m->lnfw), a->lnf_mean, a->lnf_rstd, N, C);
+    // dres carries d(residual stream); each block adds its branches' input gradients to it
+    for (int l = m->L - 1; l >= 0; l--) {
+        LayerParams *lp = &m->layers[l];
+        LayerActs la = layer_acts(m, l);
+        const float *x = layer_input(m, l);
+        linear_backward(m, &lp->lin[LIN_MLP_PROJ], a->dfch_gelu, a->dres, la.fch_gelu, N);
+        gelu_backward(a->dfch, la.fch, a->dfch_gelu, (size_t)N * 4 * C);
+        linear_backward(m, &lp->lin[LIN_MLP_FC], a->dln, a->dfch, la.ln2, N);
+        layernorm_backward(a->dres, G(m, lp->ln2w), G(m, lp->ln2b), a->dln, la.res2, P(m, lp->ln2w),
+                           la.ln2_mean, la.ln2_rstd, N, C);
+        linear_backward(m, &lp->lin[LIN_ATTN_PROJ], a->datty, a->dres, la.atty, N);
+        attention_backward(a->dqkv, a->datty, la.qkv, la.att, B, T, C, m->NH);
+        linear_backward(m, &lp->lin[LIN_ATTN_QKV], a->dln, a->dqkv, la.ln1, N);
+        layernorm_backward(a->dres, G(m, lp->ln1w), G(m, lp->ln1b), a->dln, x, P(m, lp->ln1w),
+                           la.ln1_mean, la.ln1_rstd, N, C);
+    }
+    encoder_backward(G(m, m->wte), G(m, m->wpe), a->dres, m->inputs, B, T, C);
+}
+
+// Global L2 norm of the gradients, summed in double in a fixed order (reproducible).
+static float gpt2_grad_norm(GPT2 *m) {
+    double s = 0.0;
+    #pragma omp parallel for reduction(+:s) schedule(static)
+    for (size_t i = 0; i < m->num_params; i++) s += (double)m->grads[i] * m->grads[i];
+    return (float)sqrt(s);
+}
+
+// AdamW with decoupled weight decay (matrices only), step t >= 1, gradients scaled by grad_scale
+// (the clipping factor): p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p)
+static void gpt2_update(GPT2 *m, float lr, float grad_scale, int t) {
+    const Config *c = &m->cfg;
+    float b1 = c->optim.beta1, b2 = c->optim.beta2, eps = c->optim.eps;
+    float bc1 = 1.0f - powf(b1, (float)t), bc2 = 1.0f - powf(b2, (float)t);
+    for (int k = 0; k < m->ntensors; k++) {
+        ParamTensor *tn = &m->tensors[k];
+        float wd = tn->decay ? c->optim.weight_decay : 0.0f;
+        float *p = m->params + tn->offset, *g = m->grads + tn->offset;
+        float *mm = m->m + tn->offset, *vv = m->v + tn->offset;
+        #pragma omp parallel for
+        for (size_t i = 0; i < tn->size; i++) {
+            float gi = g[i] * grad_scale;
+            mm[i] = b1 * mm[i] + (1.0f - b1) * gi;
+            vv[i] = b2 * vv[i] + (1.0f - b2) * gi * gi;
+            float mhat = mm[i] / bc1, vhat = vv[i] / bc2;
+            p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+        }
+    }
+}
+
+// The optimizer step for 0-based step `step` on the accumulated gradients: clip by the global
+// norm, take the scheduled lr, AdamW. Returns the norm before clipping; *lr_out gets the lr.
+static float gpt2_optimizer_step(GPT2 *m, int step, float *lr_out) {
+    float norm = gpt2_grad_norm(m), clip = m->cfg.optim.grad_clip;
+    float scale = (clip > 0.0f && norm > clip) ? clip / norm : 1.0f;
+    *lr_out = lr_at_step(&m->cfg, step);
+    gpt2_update(m, *lr_out, scale, step + 1);
+    return norm;
+}
+
+// Training FLOPs per token: 6 per MAC of every matmul (forward 2, backward 4) plus attention
+// (q.k and att.v: 2 T C MACs per token per layer at full context, halved by the causal mask).
+static double gpt2_flops_per_token(const GPT2 *m, int T) {
+    double macs = (double)m->Vp * m->C;   // LM head
+    for (int l = 0; l < m->L; l++)
+        for (int k = 0; k < NUM_LINEAR; k++) macs += (double)m->layers[l].lin[k].d_in * m->layers[l].lin[k].d_out;
+    double attn = (double)m->L * T * m->C;   // causal: (T/2) * C * 2 matmuls per token
+    return 6.0 * (macs + attn);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Checkpoints (DESIGN section 5): model.safetensors (params) and state.safetensors (AdamW m, v)
+
+typedef struct {
+    int step;                  // completed optimizer steps
+    long long tokens;          // tokens trained on
+    char dataloader[512];      // train loader position
+} TrainState;
+
+// Writes the tensors of nbases buffers laid out like params (prefixes[i] + name from bases[i]).
+static int write_tensor_file(GPT2 *m, const char *path, const char *const *prefixes, float *const *bases,
+                             int nbases, const char *const *keys, const char *const *vals, int nmeta, char *err) {
+    int n = m->ntensors * nbases;
+    StTensor *ts = xmalloc((size_t)n * sizeof(StTensor));
+    char (*names)[80] = xmalloc((size_t)n * sizeof *names);
+    for (int k = 0; k < nbases; k++) {
+        for (int i = 0; i < m->ntensors; i++) {
+            ParamTensor *t = &m->tensors[i];
+            StTensor *s = &ts[k * m->ntensors + i];
+            snprintf(names[k * m->ntensors + i], sizeof names[0], "%s%s", prefixes[k], t->name);
+            s->name = names[k * m->ntensors + i];
+            s->dtype = "F32";
+            s->data = bases[k] + t->offset;
+            s->ndim = t->ndim;
+            for (int d = 0; d < 4; d++) s->shape[d] = t->shape[d];
+        }
+    }
+    int rc = safetensors_write(path, ts, n, keys, vals, nmeta, err, ERRLEN);
+    free(ts);
+    free(names);
+    return rc;
+}
+
+// RUN/ckpt_%08d/ written atomically: model.safetensors (parameters), state.safetensors (m., v.)
+static int gpt2_save_checkpoint(GPT2 *m, const char *run_dir, const TrainState *st, char *err) {
+    char tmp[1100], path[1200], step_s[32], tokens_s[32];
+    if (checkpoint_begin(run_dir, st->step, tmp, sizeof tmp, err, ERRLEN)) return -1;
+    char *config = config_to_json(&m->cfg);
+    snprintf(step_s, sizeof step_s, "%d", st->step);
+    snprintf(tokens_s, sizeof tokens_s, "%lld", st->tokens);
+    const char *keys[] = {"format", "config", "step", "tokens", "dataloader"};
+    const char *vals[] = {"structured-gpt2/1", config, step_s, tokens_s, st->dataloader};
+    const char *model_prefix[] = {""}, *state_prefix[] = {"m.", "v."};
+    float *model_base[] = {m->params}, *state_base[] = {m->m, m->v};
+    snprintf(path, sizeof path, "%s/model.safetensors", tmp);
+    int rc = write_tensor_file(m, path, model_prefix, model_base, 1, keys, vals, 4, err);
+    if (!rc) {
+        snprintf(path, sizeof path, "%s/state.safetensors", tmp);
+        rc = write_tensor_file(m, path, state_prefix, state_base, 2, keys, vals, 5, err);
+    }
+    free(config);
+    if (rc) return -1;
+    return checkpoint_commit(run_dir, st->step, m->cfg.checkpoint.keep, err, ERRLEN);
+}
+
+// Copies every tensor named prefix+name from a safetensors file into base, checking shapes.
+static int load_tensors(GPT2 *m, const SafeTensors *st, const char *path, const char *prefix, float *base, char *err) {
+    for (int i = 0; i < m->ntensors; i++) {
+        ParamTensor *t = &m->tensors[i];
+        char name[80];
+        snprintf(name, sizeof name, "%s%s", prefix, t->name);
+        const char *dtype;
+        int ndim;
+        long long shape[4];
+        const void *data = safetensors_find(st, name, &dtype, &ndim, shape);
+        if (!data) {
+            snprintf(err, ERRLEN, "%s: tensor %s is missing (the config's model has it)", path, name);
+            return -1;
+        }
+        int same = strcmp(dtype, "F32") == 0 && ndim == t->ndim;
+        for (int d = 0; same && d < ndim; d++) same = shape[d] == t->shape[d];
+        if (!same) {
+            snprintf(err, ERRLEN, "%s: tensor %s: dtype %s shape (%lld,%lld) but the config's model needs F32 (%lld,%lld)",
+                     path, name, dtype, shape[0], ndim > 1 ? shape[1] : 0, t->shape[0], t->ndim > 1 ? t->shape[1] : 0);
+            return -1;
+        }
+        memcpy(base + t->offset, data, t->size * sizeof(float));
+    }
+    return 0;
+}
+// llm.c's model file (gpt2_124M.bin): parameters in llm.c order, each kind concatenated over layers.
+static int gpt2_load_llmc(GPT2 *m, const char *path, char *err) {
+    int h[8];
+    float *src;
+    size_t n;
+    if (llmc_model_read(path, h, &src, &n, err, ERRLEN)) return -1;
+    const char *what[6] = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "padded_vocab_size"};
+    int ours[6] = {m->maxT, m->V, m->L, m->NH, m->C, m->Vp};
+    for (int i = 0; i < 6; i++) {
+        if (h[2 + i] != ours[i]) {
+            snprintf(err, ERRLEN, "%s: the file's %s is %d but the config's model.%s is %d (use --set model.%s=%d)",
+                     path, what[i], h[2 + i], what[i], ours[i], what[i], h[2 + i]);
+            free(src);
+            return -1;
+        }
+    }
+    int L = m->L;
+    const float *p = src;
+    // copy one llm.c kind (L tensors back to back) into our per-layer tensors
+    #define TAKE_LAYERS(field) for (int l = 0; l < L; l++) { ParamTensor *t = &m->tensors[m->layers[l].field]; \
+        memcpy(m->params + t->offset, p, t->size * sizeof(float)); p += t->size; }
+    #define TAKE_ONE(idx) { ParamTensor *t = &m->tensors[idx]; memcpy(m->params + t->offset, p, t->size * sizeof(float)); p += t->size; }
+    TAKE_ONE(m->wte); TAKE_ONE(m->wpe);
+    TAKE_LAYERS(ln1w); TAKE_LAYERS(ln1b);
+    TAKE_LAYERS(lin[LIN_ATTN_QKV].W); TAKE_LAYERS(lin[LIN_ATTN_QKV].b);
+    TAKE_LAYERS(lin[LIN_ATTN_PROJ].W); TAKE_LAYERS(lin[LIN_ATTN_PROJ].b);
+    TAKE_LAYERS(ln2w); TAKE_LAYERS(ln2b);
+    TAKE_LAYERS(lin[LIN_MLP_FC].W); TAKE_LAYERS(lin[LIN_MLP_FC].b);
+    TAKE_LAYERS(lin[LIN_MLP_PROJ].W); TAKE_LAYERS(lin[LIN_MLP_PROJ].b);
+    TAKE_ONE(m->lnfw); TAKE_ONE(m->lnfb);
+    #undef TAKE_LAYERS
+    #undef TAKE_ONE
+    free(src);
+    return 0;
+}
+
+// --init-from FILE: our model.safetensors (or a checkpoint directory holding one), or an llm.c .bin
+static int gpt2_init_from(GPT2 *m, const char *path, char *err) {
+    struct stat sb;
+    char file[1200];
+    if (stat(path, &sb) != 0) { snprintf(err, ERRLEN, "%s: %s", path, strerror(errno)); return -1; }
+    snprintf(file, sizeof file, S_ISDIR(sb.st_mode) ? "%s/model.safetensors" : "%s", path);
+    FILE *f = fopen(file, "rb");
+    if (!f) { snprintf(err, ERRLEN, "%s: %s", file, strerror(errno)); return -1; }
+    int magic = 0;
+    size_t got = fread(&magic, sizeof magic, 1, f);
+    fclose(f);
+    if (got == 1 && magic == 20240326) return gpt2_load_llmc(m, file, err);
+    SafeTensors st;
+    if (safetensors_read(&st, file, err, ERRLEN)) return -1;
+    int rc = load_tensors(m, &st, file, "", m->params, err);
+    safetensors_free(&st);
+    return rc;
+}
+
+// --resume RUN: the newest complete checkpoint's config (with --set overrides), parameters, AdamW
+// state, step, token count and data position.
+static int gpt2_resume(GPT2 *m, Config *cfg, const CliArgs *args, TrainState *st, char *err) {
+    char dir[1100], path[1200];
+    int step;
+    if (checkpoint_latest(args->resume_dir, dir, sizeof dir, &step)) {
+        snprintf(err, ERRLEN, "%s: no complete checkpoint (ckpt_NNNNNNNN/) to resume from", args->resume_dir);
+        return -1;
+    }
+    SafeTensors ms, ss;
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    if (safetensors_read(&ms, path, err, ERRLEN)) return -1;
+    const char *config = safetensors_meta(&ms, "config");
+    if (!config || config_from_json_string(cfg, config, path, args->sets, args->nsets, err, ERRLEN)) {
+        if (!config) snprintf(err, ERRLEN, "%s: metadata has no \"config\"", path);
+        safetensors_free(&ms);
+        return -1;
+    }
+    gpt2_build(m, cfg, cfg->train.micro_batch, cfg->train.seq_len);
+    int rc = load_tensors(m, &ms, path, "", m->params, err);
+    safetensors_free(&ms);
+    if (rc) return -1;
+    snprintf(path, sizeof path, "%s/state.safetensors", dir);
+    if (safetensors_read(&ss, path, err, ERRLEN)) return -1;
+    rc = load_tensors(m, &ss, path, "m.", m->m, err) || load_tensors(m, &ss, path, "v.", m->v, err);
+    const char *s_step = safetensors_meta(&ss, "step"), *s_tok = safetensors_meta(&ss, "tokens");
+    const char *s_dl = safetensors_meta(&ss, "dataloader");
+    if (!rc && (!s_step || !s_tok || !s_dl)) {
+        snprintf(err, ERRLEN, "%s: metadata lacks step, tokens or dataloader", path);
+        rc = -1;
+    }
+    if (!rc) {
+        st->step = atoi(s_step);
+        st->tokens = atoll(s_tok);
+        snprintf(st->dataloader, sizeof st->dataloader, "%s", s_dl);
+        printf("resuming from %s (step %d, %lld tokens)\n", dir, st->step, st->tokens);
+    }
+    safetensors_free(&ss);
+    return rc ? -1 : 0;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Evaluation and sampling
+
+// Mean loss over up to max_batches batches of an in-order loader (all of it when max_batches <= 0).
+static double gpt2_evaluate(GPT2 *m, DataLoader *dl, int max_batches, long long *tokens, char *err) {
+    dataloader_reset(dl);
+    size_t nb = dataloader_num_batches(dl);
+    if (max_batches > 0 && (size_t)max_batches < nb) nb = (size_t)max_batches;
+    double sum = 0.0;
+    for (size_t i = 0; i < nb; i++) {
+        if (dataloader_next(dl, err, ERRLEN)) return -1.0;
+        gpt2_forward(m, dl->inputs, dl->targets, m->Bmax, m->Tmax);
+        sum += m->mean_loss;
+    }
+    *tokens = (long long)nb * m->Bmax * m->Tmax;
+    return nb ? sum / nb : 0.0;
+}
+
+// Samples n tokens after <|endoftext|> at temperature 1, from a seed; returns them decoded (malloc'd).
+static char *gpt2_sample(GPT2 *m, const Tokenizer *tok, int n, uint64_t seed) {
+    int T = m->Tmax;
+    int *gen = xmalloc((size_t)(n + 1) * sizeof(int));
+    float *probs = xmalloc((size_t)m->V * sizeof(float));
+    Rng rng;
+    rng_seed(&rng, seed);
+    gen[0] = GPT2_EOT;
+    for (int i = 1; i <= n; i++) {
+        int t = i < T ? i : T;                    // the last t tokens fit the context
+        gpt2_forward(m, gen + i - t, NULL, 1, t);
+        const float *z = m->acts.logits + (size_t)(t - 1) * m->Vp;
+        float maxv = -INFINITY, sum = 0.0f;
+        for (int v = 0; v < m->V; v++) if (z[v] > maxv) maxv = z[v];
+        for (int v = 0; v < m->V; v++) { probs[v] = expf(z[v] - maxv); sum += probs[v]; }
+        for (int v = 0; v < m->V; v++) probs[v] /= sum;
+        gen[i] = sample_from_probs(probs, m->V, rng_float(&rng));
+    }
+    size_t len;
+    char *text = tokenizer_decode(tok, gen + 1, n, &len);
+    free(gen);
+    free(probs);
+    return text;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Training
+
+static volatile sig_atomic_t stop_signal = 0;
+static void on_stop_signal(int sig) { stop_signal = sig; }
+
+static void fail(const char *msg) {
+    fprintf(stderr, "error: %s\n", msg);
+    exit(1);
+}
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+// mkdir -p
+static int make_dirs(const char *path, char *err) {
+    char buf[1100];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *p = buf + 1; ; p++) {
+        if (*p == '/' || *p == '\0') {
+            char c = *p;
+            *p = '\0';
+            if (mkdir(buf, 0755) != 0 && errno != EEXIST) {
+                snprintf(err, ERRLEN, "%s: cannot create directory: %s", buf, strerror(errno));
+                return -1;
+            }
+            if (c == '\0') return 0;
+            *p = c;
+        }
+    }
+}
+
+static void print_summary(const GPT2 *m) {
+    const Config *c = &m->cfg;
+    printf("model: %d layers, %d heads, n_embd %d, block_size %d, vocab %d (padded %d)\n",
+           m->L, m->NH, m->C, m->maxT, m->V, m->Vp);
+    printf("%-10s %-8s %-14s %12s %12s\n", "layer", "type", "shape", "params", "MACs/token");
+    size_t lin_params = 0;
+    for (int k = 0; k < NUM_LINEAR; k++) {
+        const Linear *lin = &m->layers[0].lin[k];
+        char shape[32];
+        snprintf(shape, sizeof shape, "%d -> %d", lin->d_in, lin->d_out);
+        size_t p = (size_t)lin->d_in * lin->d_out;
+        printf("%-10s %-8s %-14s %12zu %12zu\n", linear_names[k], c->model.linear[k].type, shape, p + lin->d_out, p);
+        lin_params += (p + lin->d_out) * m->L;
+    }
+    printf("parameters: %zu total, %zu in linear layers; training FLOPs/token %.3g (T=%d)\n",
+           m->num_params, lin_params, gpt2_flops_per_token(m, m->Tmax), m->Tmax);
+}
+
+#ifndef TESTING
+int main(int argc, char **argv) {
+    char err[ERRLEN];
+    CliArgs args;
+    if (cli_parse(argc, argv, &args, err, sizeof err)) {
+        fprintf(stderr, "error: %s\n(see %s --help)\n", err, argv[0]);
+        return 2;
+    }
+    if (args.help) { cli_print_help(stdout, argv[0]); return 0; }
+
+    Config cfg;
+    GPT2 model;
+    TrainState st = {0};
+    if (args.resume_dir) {
+        if (args.config_path) fail("--resume takes the config stored in the checkpoint; change keys with --set");
+        if (args.init_from) fail("--resume and --init-from exclude each other");
+        if (gpt2_resume(&model, &cfg, &args, &st, err)) fail(err);
+    } else {
+        const char *path = args.config_path;
+        struct stat sb;
+        if (!path && stat("configs/default.json", &sb) == 0) path = "configs/default.json";
+        if (config_load(&cfg, path, args.sets, args.nsets, 1, err, sizeof err)) fail(err);
+        gpt2_build(&model, &cfg, cfg.train.micro_batch, cfg.train.seq_len);
+        if (args.init_from) {
+            if (gpt2_init_from(&model, args.init_from, err)) fail(err);
+            printf("weights from %s\n", args.init_from);
+        } else {
+            gpt2_init_weights(&model, cfg.train.seed);
+        }
+    }
+    int B = cfg.train.micro_batch, T = cfg.train.seq_len;
+    printf("threads: %d (OMP_NUM_THREADS)\n", omp_get_max_threads());
+    print_summary(&model);
+
+    if (args.eval_shard) {
+        if (!args.init_from && !args.resume_dir) fail("--eval needs --init-from FILE or --resume RUN_DIR");
+        DataLoader dl;
+        if (dataloader_init(&dl, args.eval_shard, cfg.data.format, B, T, cfg.model.vocab_size, 0, 0, 0, 1,
+                            err, sizeof err)) fail(err);
+        long long tokens;
+        double loss = gpt2_evaluate(&model, &dl, 0, &tokens, err);
+        if (loss < 0) fail(err);
+        printf("eval %s: loss %.6f over %lld tokens\n", args.eval_shard, loss, tokens);
+        dataloader_free(&dl);
+        gpt2_free(&model);
+        return 0;
+    }
+
+    // data, tokenizer (for samples), run directory
+    int accum = (int)(cfg.train.batch_tokens / ((long)B * T));
+    DataLoader train, val;
+    int have_val = cfg.data.val[0] != '\0';
+    if (dataloader_init(&train, cfg.data.train, cfg.data.format, B, T, cfg.model.vocab_size, cfg.train.seed, 1, 0, 1,
+                        err, sizeof err)) fail(err);
+    if (st.dataloader[0] && dataloader_seek(&train, st.dataloader, err, sizeof err)) fail(err);
+    if (have_val && dataloader_init(&val, cfg.data.val, cfg.data.format, B, T, cfg.model.vocab_size, 0, 0, 0, 1,
+                                    err, sizeof err)) fail(err);
+    Tokenizer tok;
+    int have_tok = cfg.sample.every > 0 || cfg.sample.tokens > 0;
+    if (have_tok && tokenizer_load(&tok, "data/gpt2.tiktoken", err, sizeof err)) {
+        fprintf(stderr, "warning: no samples: %s\n", err);
+        have_tok = 0;
+    }
+    const char *run_dir = cfg.run.dir;
+    char path[1200], ckpt[1100];
+    int last_ckpt;
+    if (!args.resume_dir && checkpoint_latest(run_dir, ckpt, sizeof ckpt, &last_ckpt) == 0) {
+        snprintf(err, sizeof err, "%s already holds checkpoints (%s): continue it with --resume %s, "
+                 "or start a new run with --set run.dir=OTHER", run_dir, ckpt, run_dir);
+        fail(err);
+    }
+    if (make_dirs(run_dir, err)) fail(err);
+    snprintf(path, sizeof path, "%s/config.json", run_dir);
+    char *config_json = config_to_json(&cfg);
+    FILE *cf = fopen(path, "w");
+    if (!cf || fputs(config_json, cf) < 0 || fclose(cf) != 0) { snprintf(err, sizeof err, "%s: cannot write", path); fail(err); }
+    free(config_json);
+    Logger log;
+    if (logger_open(&log, run_dir, args.resume_dir != NULL, err, sizeof err)) fail(err);
+    snprintf(path, sizeof path, "%s/samples.txt", run_dir);
+
+    signal(SIGINT, on_stop_signal);
+    signal(SIGTERM, on_stop_signal);
+    double flops_per_token = gpt2_flops_per_token(&model, T);
+    printf("batch: %d x %d tokens x %d accumulation = %ld tokens per step; %d steps; run dir %s\n",
+           B, T, accum, cfg.train.batch_tokens, cfg.train.max_steps, run_dir);
+    char line[2048];
+    for (int step = st.step; step <= cfg.train.max_steps; step++) {
+        int last = step == cfg.train.max_steps;
+        if (have_val && ((cfg.eval.every > 0 && step % cfg.eval.every == 0) || last)) {
+            long long ntok;
+            double vl = gpt2_evaluate(&model, &val, cfg.eval.batches, &ntok, err);
+            if (vl < 0) fail(err);
+            printf("step %d: val loss %.4f (%lld tokens)\n", step, vl, ntok);
+            snprintf(line, sizeof line, "{\"type\": \"val\", \"step\": %d, \"val_loss\": %.6f, \"tokens\": %lld}",
+                     step, vl, st.tokens);
+            logger_write(&log, line);
+        }
+        if (have_tok && cfg.sample.tokens > 0 &&
+            ((cfg.sample.every > 0 && step > 0 && step % cfg.sample.every == 0) || last)) {
+            char *text = gpt2_sample(&model, &tok, cfg.sample.tokens, cfg.train.seed ^ (0x5A3C1ull * (step + 1)));
+            printf("--- sample at step %d ---\n%s\n---\n", step, text);
+            FILE *sf = fopen(path, "a");
+            if (sf) { fprintf(sf, "--- step %d ---\n%s\n", step, text); fclose(sf); }
+            free(text);
+        }
+        if (last) break;
+
+        double t0 = now_ms();
+        gpt2_zero_grad(&model);
+        double loss = 0.0;
+        for (int micro = 0; micro < accum; micro++) {
+            if (dataloader_next(&train, err, sizeof err)) fail(err);
+            gpt2_forward(&model, train.inputs, train.targets, B, T);
+            gpt2_backward(&model, 1.0f / accum);
+            loss += model.mean_loss / accum;
+        }
+        float lr, norm = gpt2_optimizer_step(&model, step, &lr);
+        double ms = now_ms() - t0;
+        st.step = step + 1;
+        st.tokens += cfg.train.batch_tokens;
+        double tps = cfg.train.batch_tokens / (ms / 1e3);
+        printf("step %5d/%d | loss %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s\n",
+               st.step, cfg.train.max_steps, loss, lr, norm, ms, tps);
+        fflush(stdout);
+        snprintf(line, sizeof line, "{\"type\": \"train\", \"step\": %d, \"loss\": %.6f, \"aux_loss\": 0, \"lr\": %.6g, "
+                 "\"grad_norm\": %.6f, \"tokens\": %lld, \"ms\": %.3f, \"tok_per_s\": %.1f, \"flops_per_token\": %.6g, "
+                 "\"mfu\": null}", st.step, loss, lr, norm, st.tokens, ms, tps, flops_per_token);
+        logger_write(&log, line);
+
+        int periodic = cfg.checkpoint.every > 0 && st.step % cfg.checkpoint.every == 0;
+        if (periodic || stop_signal || st.step == cfg.train.max_steps) {
+            dataloader_position(&train, st.dataloader, sizeof st.dataloader);
+            if (gpt2_save_checkpoint(&model, run_dir, &st, err)) fail(err);
+            printf("checkpoint: %s/ckpt_%08d\n", run_dir, st.step);
+        }
+        if (stop_signal) {
+            printf("stopped by signal %d after step %d; resume with: %s --resume %s\n",
+                   (int)stop_signal, st.step, argv[0], run_dir);
+            break;
+        }
+    }
+    logger_close(&log);
+    dataloader_free(&train);
+    if (have_val) dataloader_free(&val);
+    if (have_tok) tokenizer_free(&tok);
+    gpt2_free(&model);
+    return 0;
+}
+#endif
