@@ -551,7 +551,7 @@ static void test_llmc_model(void) {
 //   b.ids         I32 (2,3,4)    i*i - 7*i
 //   c.scalar      F32 ()         3.5
 //   d.empty       F32 (0,4)      (none)
-//   e.ramp        F32 (1000,)    float32(i*0.001 - 0.5)   (computed in double, rounded once)
+//   e.ramp        F32 (1000,)    (i - 500) / 1024          (exact in binary)
 //   h.0.mlp_fc.W  F32 (2,2,2,2)  float32(1/(i+1))
 // metadata: format "structured-gpt2/1", step "42", note (quotes, backslash, newline, UTF-8), config JSON.
 static void write_sample(void) {
@@ -559,7 +559,7 @@ static void write_sample(void) {
     int32_t b[24];
     for (int i = 0; i < 15; i++) a[i] = (float)((i * 37 % 101) / 8.0 - 6.0);
     for (int i = 0; i < 24; i++) b[i] = i * i - 7 * i;
-    for (int i = 0; i < 1000; i++) e[i] = (float)(i * 0.001 - 0.5);
+    for (int i = 0; i < 1000; i++) e[i] = (float)(i - 500) / 1024.0f;  // exact: no rounding, no FMA contraction
     for (int i = 0; i < 16; i++) w[i] = (float)(1.0 / (i + 1));
     StTensor t[6] = {
         {"a.weight", "F32", a, 2, {3, 5}}, {"b.ids", "I32", b, 3, {2, 3, 4}}, {"c.scalar", "F32", &c, 0, {0}},

@@ -95,7 +95,7 @@ def expected():
         "b.ids": torch.tensor([i * i - 7 * i for i in range(24)], dtype=torch.int32).reshape(2, 3, 4),
         "c.scalar": torch.tensor(3.5, dtype=f32),
         "d.empty": torch.empty(0, 4, dtype=f32),
-        "e.ramp": torch.tensor([i * 0.001 - 0.5 for i in range(1000)], dtype=f32),
+        "e.ramp": torch.tensor([(i - 500) / 1024 for i in range(1000)], dtype=f32),
         "h.0.mlp_fc.W": torch.tensor([1 / (i + 1) for i in range(16)], dtype=f32).reshape(2, 2, 2, 2),
     }
 
