@@ -15,13 +15,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "dev", "reference"))
+sys.path.insert(0, os.path.join(ROOT, "test"))
 import gpt2  # noqa: E402
 from safetensors_io import read_safetensors  # noqa: E402
-
-
-def check(ok, name, detail=""):
-    print(f"ok - {name}" if ok else f"FAIL - {name}: {detail}", flush=True)
-    return ok
+from checks import check  # noqa: E402
 
 
 def main():

@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "test"))
+import checks  # noqa: E402
+from checks import check  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "dev", "reference"))
 import gpt2  # noqa: E402
 import make_fixtures as mf  # noqa: E402
@@ -28,17 +31,8 @@ from safetensors_io import (bf16_round, bf16_to_float, read_safetensors, write_l
                             write_safetensors)
 
 FIXTURES = os.path.join(ROOT, "test", "fixtures")
-failures = 0
 
 
-def check(cond, name, detail=""):
-    global failures
-    if cond:
-        print(f"ok - {name}")
-    else:
-        failures += 1
-        print(f"FAIL - {name}: {detail}")
-    sys.stdout.flush()
 
 
 def rel_err(a, b):
@@ -401,7 +395,7 @@ def main():
             test()
         except Exception as e:  # a crash in one group is reported as its failure, the others still run
             check(False, test.__name__, f"{type(e).__name__}: {e}")
-    return 1 if failures else 0
+    return 1 if checks.failures else 0
 
 
 if __name__ == "__main__":

@@ -16,18 +16,10 @@ import zlib
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "test"))
+import checks  # noqa: E402
+from checks import check  # noqa: E402
 SAMPLE = os.path.join(ROOT, "build", "test", "st_sample.safetensors")
-failures = 0
-
-
-def check(cond, name, detail=""):
-    global failures
-    if cond:
-        print(f"ok - {name}")
-    else:
-        failures += 1
-        print(f"FAIL - {name}: {detail}")
-    sys.stdout.flush()
 
 
 DTYPES = {"F32": (torch.float32, 4), "I32": (torch.int32, 4), "BF16": (torch.bfloat16, 2),
@@ -141,4 +133,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    sys.exit(1 if failures else 0)
+    sys.exit(1 if checks.failures else 0)
