@@ -955,6 +955,7 @@ int main(int argc, char **argv) {
     if (!cf || fputs(config_json, cf) < 0 || fclose(cf) != 0) { snprintf(err, sizeof err, "%s: cannot write", path); fail(err); }
     free(config_json);
     Logger log;
+    if (args.resume_dir && logger_truncate_after(run_dir, st.step, err, sizeof err)) fail(err);
     if (logger_open(&log, run_dir, args.resume_dir != NULL, err, sizeof err)) fail(err);
     snprintf(path, sizeof path, "%s/samples.txt", run_dir);
 

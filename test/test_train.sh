@@ -43,6 +43,9 @@ same_ckpt "$W/straight/ckpt_00000020" "$RUN/ckpt_00000020"
 expect $? "10 + resume + 10 steps: parameters and AdamW state bit-identical to 20 straight" "files differ"
 diff <(losses "$W/straight") <(losses "$RUN") > "$W/loss.diff"
 expect $? "10 + resume + 10 steps: losses identical to 20 straight" "$(head -4 "$W/loss.diff")"
+n=$(grep -c '"type": "train"' "$RUN/log.jsonl"); u=$(losses "$RUN" | wc -l)
+[ "$n" -eq 20 ] && [ "$u" -eq 20 ]
+expect $? "the resumed log holds each of the 20 steps once (records after the checkpoint dropped)" "$n records, $u steps"
 rm -rf "$RUN"
 
 # 3. SIGINT mid-run writes a checkpoint and exits 0; the resumed run ends bit-identical
