@@ -2,7 +2,7 @@
 #   make            build the CPU trainer and the tokenize tool
 #   make data       tokenize the shipped tinyshakespeare into data/tinyshakespeare/ (the default data)
 #   make test       install missing Debian packages, build, and run every CPU test (test/run)
-#   make bench      CPU benchmarks (tokenizer vs npm tiktoken, ...)
+#   make bench      CPU benchmarks: tokenizer vs npm tiktoken, trainer and matmul vs PyTorch/OpenBLAS
 #   make clean      remove build outputs (keeps data/ shards)
 CC      ?= gcc
 CFLAGS  ?= -O3 -march=native
@@ -13,7 +13,7 @@ HEADERS := $(wildcard llmc/*.h)
 TS_DIR  := data/tinyshakespeare
 TS_BINS := $(TS_DIR)/tiny_shakespeare_train.bin $(TS_DIR)/tiny_shakespeare_val.bin
 
-.PHONY: all data test deps bench bench-tokenizer clean
+.PHONY: all data test deps bench bench-tokenizer bench-cpu clean
 all: tokenize $(if $(wildcard train_gpt2.c),train_gpt2)
 
 train_gpt2: train_gpt2.c $(HEADERS)
@@ -42,10 +42,13 @@ test: deps
 	$(MAKE) all data
 	test/run
 
-bench: bench-tokenizer
+bench: bench-tokenizer bench-cpu
 
 bench-tokenizer: deps all
 	dev/data/bench_tokenizer
 
 clean:
 	rm -rf build train_gpt2 tokenize
+
+bench-cpu: deps all data
+	dev/bench/bench_cpu
