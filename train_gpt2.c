@@ -841,24 +841,6 @@ static double now_ms(void) {
     return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
 }
 
-// mkdir -p
-static int make_dirs(const char *path, char *err) {
-    char buf[1100];
-    snprintf(buf, sizeof buf, "%s", path);
-    for (char *p = buf + 1; ; p++) {
-        if (*p == '/' || *p == '\0') {
-            char c = *p;
-            *p = '\0';
-            if (mkdir(buf, 0755) != 0 && errno != EEXIST) {
-                snprintf(err, ERRLEN, "%s: cannot create directory: %s", buf, strerror(errno));
-                return -1;
-            }
-            if (c == '\0') return 0;
-            *p = c;
-        }
-    }
-}
-
 static void print_summary(const GPT2 *m) {
     const Config *c = &m->cfg;
     printf("model: %d layers, %d heads, n_embd %d, block_size %d, vocab %d (padded %d)\n",
@@ -948,7 +930,10 @@ int main(int argc, char **argv) {
                  "or start a new run with --set run.dir=OTHER", run_dir, ckpt, run_dir);
         fail(err);
     }
-    if (make_dirs(run_dir, err)) fail(err);
+    if (ckpt_mkdirs(run_dir) != 0) {
+        snprintf(err, sizeof err, "%s: cannot create directory: %s", run_dir, strerror(errno));
+        fail(err);
+    }
     snprintf(path, sizeof path, "%s/config.json", run_dir);
     char *config_json = config_to_json(&cfg);
     FILE *cf = fopen(path, "w");

@@ -141,7 +141,6 @@ typedef struct {
     int src;          // index into sources
     long line;        // JSONL line number (1-based), 0 otherwise
     TokenBuf tokens;  // EOT + the document's tokens, filled in parallel
-    size_t offset;    // where its tokens go in the shard buffer (the parallel append)
     char err[512];    // set in parallel when the item is bad
 } Item;
 
@@ -477,35 +476,8 @@ int main(int argc, char **argv) {
         long n = read_batch(&rd, items);
         if (n < 0) { fprintf(stderr, "\ntokenize: %s\n", rd.err); status = 1; break; }
         if (n == 0) break;
-        #pragma omp parallel for schedule(static, 64)
-        for (long i = 0; i < n; i++) {
-            encode_item(&tok, &items[i], srcs.v[items[i].src].path);
-            free(items[i].text);
-            items[i].text = NULL;
-        }
-        // Common case: no bad document and the whole batch fits strictly inside the current shard
-        // (no flush): copy every document to its prefix-sum offset in parallel. The bytes are the
-        // same as the serial append below, which handles shard boundaries and errors.
-        size_t total = 0, nbytes = 0;
-        long first_bad = n;
-        for (long i = 0; i < n; i++) {
-            if (items[i].err[0]) { first_bad = i; break; }
-            items[i].offset = total;
-            total += items[i].tokens.len;
-            nbytes += items[i].bytes;
-        }
-        if (first_bad == n && sh.fill + total < sh.cap) {
-            uint16_t *dst = sh.buf + sh.fill;
-            #pragma omp parallel for schedule(static, 64)
-            for (long i = 0; i < n; i++) {
-                for (size_t k = 0; k < items[i].tokens.len; k++) dst[items[i].offset + k] = (uint16_t)items[i].tokens.data[k];
-                tokenbuf_free(&items[i].tokens);
-            }
-            sh.fill += total;
-            docs += (size_t)n; toks += total; bytes += nbytes;
-            progress(t0, docs, toks, bytes, total_bytes, 0);
-            continue;
-        }
+        #pragma omp parallel for schedule(dynamic, 1)
+        for (long i = 0; i < n; i++) encode_item(&tok, &items[i], srcs.v[items[i].src].path);
         // append in document order; stop at the first bad document
         for (long i = 0; i < n; i++) {
             if (status == 0 && items[i].err[0]) {
@@ -516,6 +488,7 @@ int main(int argc, char **argv) {
             }
             if (status == 0) { docs++; toks += items[i].tokens.len; bytes += items[i].bytes; }
             tokenbuf_free(&items[i].tokens);
+            free(items[i].text);
         }
         if (status) break;
         progress(t0, docs, toks, bytes, total_bytes, 0);
