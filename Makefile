@@ -2,7 +2,10 @@
 #   make            build the CPU trainer and the tokenize tool
 #   make data       tokenize the shipped tinyshakespeare into data/tinyshakespeare/ (the default data)
 #   make test       install missing Debian packages, build, and run every CPU test (test/run)
-#   make bench      CPU benchmarks: tokenizer vs npm tiktoken, trainer and matmul vs PyTorch/OpenBLAS
+#   make bench      CPU benchmarks: tokenizer vs npm tiktoken, trainer and matmul vs PyTorch/OpenBLAS,
+#                   structured layers vs dense and PyTorch, BTT-MoE routing vs masking
+#   make cuda       build the CUDA trainer (train_gpt2cu) and GPU tests (needs nvcc, not a GPU)
+#   make test-cuda, bench-cuda, check-gpu   GPU tests, benchmarks, and the full GPU report (need a GPU)
 #   make clean      remove build outputs (keeps data/ shards)
 CC      ?= gcc
 CFLAGS  ?= -O3 -march=native
@@ -13,7 +16,7 @@ HEADERS := $(wildcard llmc/*.h)
 TS_DIR  := data/tinyshakespeare
 TS_BINS := $(TS_DIR)/tiny_shakespeare_train.bin $(TS_DIR)/tiny_shakespeare_val.bin
 
-.PHONY: all data test deps bench bench-tokenizer bench-cpu clean
+.PHONY: all data test deps bench bench-tokenizer bench-cpu bench-structures bench-moe clean
 all: tokenize $(if $(wildcard train_gpt2.c),train_gpt2)
 
 train_gpt2: train_gpt2.c $(HEADERS)
@@ -42,13 +45,22 @@ test: deps
 	$(MAKE) all data
 	test/run
 
-bench: bench-tokenizer bench-cpu
+bench: bench-tokenizer bench-cpu bench-structures bench-moe
 
 bench-tokenizer: deps all
 	dev/data/bench_tokenizer
 
 clean:
-	rm -rf build train_gpt2 tokenize
+	rm -rf build train_gpt2 tokenize train_gpt2cu
 
 bench-cpu: deps all data
 	dev/bench/bench_cpu
+
+bench-structures: deps all
+	dev/bench/bench_structures
+
+bench-moe: deps all
+	dev/bench/bench_moe
+
+# ---- CUDA (begin) ----
+# ---- CUDA (end) ----

@@ -6,7 +6,10 @@ model (one allocation each for parameters, gradients, AdamW moments and activati
 training loop (config, data, checkpoints, evaluation, sampling, logging).
 
 Shapes: B batch, T time, C channels (n_embd), NH heads, hs = C/NH, V vocab, Vp padded vocab,
-L layers. Every linear layer stores W as (d_out, d_in), like llm.c, and computes y = x W^T + b.
+L layers. Each of the four linear layers of a block is one of the structures of DESIGN section 3
+(dense, blockdiag, lowrank, monarch, btt, btt_moe): llmc/structure.h describes its cores' shapes,
+and every type runs on the one block-diagonal primitive of llmc/blockdiag.h (dense is one block).
+Every weight is stored (blocks, out, in), like llm.c's dense (d_out, d_in), and y = x W^T + b.
 */
 #include <errno.h>
 #include <math.h>
@@ -21,6 +24,8 @@ L layers. Every linear layer stores W as (d_out, d_in), like llm.c, and computes
 #include <cblas.h>
 
 #include "llmc/config.h"
+#include "llmc/structure.h"
+#include "llmc/blockdiag.h"
 #include "llmc/schedule.h"
 #include "llmc/logger.h"
 #include "llmc/checkpoint.h"
@@ -151,9 +156,9 @@ static void matmul_backward(float *dinp, float *dW, float *dbias, const float *d
 
 // Causal self-attention. qkv (B,T,3C) holds q,k,v each (NH,hs) per token; att (B,NH,T,T) keeps the
 // softmax rows (only t2 <= t written) for backward; out (B,T,C).
-static void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH) {
+// scale: 1/sqrt(hs), or 8/hs under attn_scale "mup" (DESIGN section 2).
+static void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH, float scale) {
     int hs = C / NH, C3 = 3 * C;
-    float scale = 1.0f / sqrtf((float)hs);
     #pragma omp parallel for collapse(3)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < NH; h++) {
@@ -186,9 +191,8 @@ static void attention_forward(float *out, float *att, const float *qkv, int B, i
 // dqkv (B,T,3C) = attention'(dout). One (b, h) pair per task: it writes only its own head's slice
 // of dqkv, so tasks never race and the accumulation order over t is fixed.
 static void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
-                               int B, int T, int C, int NH) {
+                               int B, int T, int C, int NH, float scale) {
     int hs = C / NH, C3 = 3 * C;
-    float scale = 1.0f / sqrtf((float)hs);
     #pragma omp parallel
     {
         float *dpre = xmalloc((size_t)T * sizeof(float));
@@ -226,6 +230,111 @@ static void attention_backward(float *dqkv, const float *dout, const float *qkv,
             }
         }
         free(dpre);
+    }
+}
+
+// qk_norm (DESIGN section 2): a LayerNorm over each head's hs channels of q and of k, its weight and
+// bias (hs) shared by all heads. qkv (N,3C) -> out (N,3C): q and k normalized, v copied;
+// mean, rstd (N, 2, NH) kept for backward (index (n, part, h), part 0 q, 1 k).
+static void qknorm_forward(float *out, float *mean, float *rstd, const float *qkv, const float *wq,
+                           const float *bq, const float *wk, const float *bk, int N, int C, int NH) {
+    const float eps = 1e-5f;
+    int hs = C / NH;
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        for (int part = 0; part < 2; part++) {
+            const float *w = part ? wk : wq, *b = part ? bk : bq;
+            for (int h = 0; h < NH; h++) {
+                size_t off = (size_t)n * 3 * C + part * C + h * hs;
+                const float *x = qkv + off;
+                float m = 0.0f, v = 0.0f;
+                for (int i = 0; i < hs; i++) m += x[i];
+                m /= hs;
+                for (int i = 0; i < hs; i++) { float d = x[i] - m; v += d * d; }
+                float r = 1.0f / sqrtf(v / hs + eps);
+                for (int i = 0; i < hs; i++) out[off + i] = (x[i] - m) * r * w[i] + b[i];
+                mean[((size_t)n * 2 + part) * NH + h] = m;
+                rstd[((size_t)n * 2 + part) * NH + h] = r;
+            }
+        }
+        memcpy(out + (size_t)n * 3 * C + 2 * C, qkv + (size_t)n * 3 * C + 2 * C, C * sizeof(float));
+    }
+}
+// dqkv (N,3C) = qk_norm'(dout) (overwritten; v passes through); dwq, dbq, dwk, dbk (hs) += ...
+// reduced over tokens and heads in a fixed per-thread-chunk order, as layernorm_backward.
+static void qknorm_backward(float *dqkv, float *dwq, float *dbq, float *dwk, float *dbk, const float *dout,
+                            const float *qkv, const float *wq, const float *wk, const float *mean,
+                            const float *rstd, int N, int C, int NH) {
+    int hs = C / NH, nth = omp_get_max_threads();
+    float *partial = xcalloc((size_t)nth * 4 * hs * sizeof(float));   // per thread: dwq, dbq, dwk, dbk
+    #pragma omp parallel num_threads(nth)
+    {
+        float *pt = partial + (size_t)omp_get_thread_num() * 4 * hs;
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            for (int part = 0; part < 2; part++) {
+                const float *w = part ? wk : wq;
+                float *pw = pt + part * 2 * hs, *pb = pw + hs;
+                for (int h = 0; h < NH; h++) {
+                    size_t off = (size_t)n * 3 * C + part * C + h * hs;
+                    const float *x = qkv + off, *d = dout + off;
+                    float m = mean[((size_t)n * 2 + part) * NH + h], r = rstd[((size_t)n * 2 + part) * NH + h];
+                    float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
+                    for (int i = 0; i < hs; i++) {
+                        float norm = (x[i] - m) * r, dnorm = w[i] * d[i];
+                        dnorm_mean += dnorm;
+                        dnorm_norm_mean += dnorm * norm;
+                    }
+                    dnorm_mean /= hs;
+                    dnorm_norm_mean /= hs;
+                    for (int i = 0; i < hs; i++) {
+                        float norm = (x[i] - m) * r, dnorm = w[i] * d[i];
+                        pb[i] += d[i];
+                        pw[i] += norm * d[i];
+                        dqkv[off + i] = (dnorm - dnorm_mean - norm * dnorm_norm_mean) * r;
+                    }
+                }
+            }
+            memcpy(dqkv + (size_t)n * 3 * C + 2 * C, dout + (size_t)n * 3 * C + 2 * C, C * sizeof(float));
+        }
+    }
+    for (int t = 0; t < nth; t++) {
+        const float *pt = partial + (size_t)t * 4 * hs;
+        for (int i = 0; i < hs; i++) {
+            dwq[i] += pt[i]; dbq[i] += pt[hs + i]; dwk[i] += pt[2 * hs + i]; dbk[i] += pt[3 * hs + i];
+        }
+    }
+    free(partial);
+}
+
+// weight_norm "rms_cap" (DESIGN 3.7) on one core W (n entries): the forward uses
+// W_eff = gamma * W / c, c = max(1, RMS(W) / sigma), RMS(W) = sqrt(mean(W^2) + 1e-8).
+// Sums in double, serially: the result must not depend on the thread count's timing.
+static double rms_of(const float *W, size_t n) {
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++) s += (double)W[i] * W[i];
+    return sqrt(s / n + 1e-8);
+}
+static void rms_cap_forward(float *weff, const float *W, size_t n, float gamma, double sigma) {
+    double rms = rms_of(W, n), c = rms / sigma > 1.0 ? rms / sigma : 1.0;
+    float k = (float)(gamma / c);
+    for (size_t i = 0; i < n; i++) weff[i] = k * W[i];
+}
+// From dweff = dL/dW_eff: dW += dL/dW and *dgamma += dL/dgamma. With u = sum(dweff * W):
+//   c == 1:  dW += gamma dweff,                                        dgamma += u
+//   c > 1:   dW += gamma sigma / rms (dweff - u W / (n rms^2)),       dgamma += u sigma / rms
+// (the second row is the chain rule through RMS: d rms / dW_i = W_i / (n rms)).
+static void rms_cap_backward(float *dW, float *dgamma, const float *dweff, const float *W, size_t n,
+                             float gamma, double sigma) {
+    double rms = rms_of(W, n), u = 0.0;
+    for (size_t i = 0; i < n; i++) u += (double)dweff[i] * W[i];
+    if (rms <= sigma) {
+        for (size_t i = 0; i < n; i++) dW[i] += gamma * dweff[i];
+        *dgamma += (float)u;
+    } else {
+        float k = (float)(gamma * sigma / rms), kw = (float)(u / (n * rms * rms));
+        for (size_t i = 0; i < n; i++) dW[i] += k * (dweff[i] - kw * W[i]);
+        *dgamma += (float)(u * sigma / rms);
     }
 }
 
@@ -294,18 +403,25 @@ typedef struct {
     size_t offset, size;   // in floats, into params / grads / m / v
     int ndim;
     long long shape[4];
-    int decay;             // AdamW weight decay: matrices yes; biases, LayerNorm no
+    int decay;             // AdamW weight decay: matrices and cores yes; biases, LayerNorm, gamma no
+    float lr_mult;         // AdamW lr = schedule lr * lr_mult (mup's per-core multipliers, else 1)
+    float init_std;        // N(0, init_std^2); 0: zeros; INIT_ONES: ones (LayerNorm weights, gamma)
 } ParamTensor;
+#define INIT_ONES -1.0f
 
-// One linear layer: y (N, d_out) = x (N, d_in) W^T + b. Structured types (later issues) add cores.
+// One linear layer: y (N, d_out) = S(x) + b, S the structure s (llmc/structure.h) with its cores
+// W0 (named W for one-core types) and W1, under rms_cap each core scaled by its gamma.
 typedef struct {
-    int type_dense;        // only dense in this version (config_check_implemented refuses others)
+    Structure s;
     int d_in, d_out;
-    int W, b;              // tensor indices
+    int core[2], gamma[2], b; // tensor indices; gamma[c] = -1 without rms_cap, core[1] = -1 for one core
+    size_t saved;            // offset (floats) of this layer's saved intermediate in acts.lin_saved
+    size_t weff[2];          // rms_cap: offsets of the effective cores in m->weff
 } Linear;
 
 typedef struct {
     int ln1w, ln1b, ln2w, ln2b;
+    int qkw, qkb, kkw, kkb;  // qk_norm's q and k LayerNorm weight and bias (-1 without qk_norm)
     Linear lin[NUM_LINEAR];  // attn_qkv, attn_proj, mlp_fc, mlp_proj
 } LayerParams;
 
@@ -314,6 +430,7 @@ typedef struct {
     float *encoded;                   // (B,T,C)
     float *ln1, *ln1_mean, *ln1_rstd; // (L,B,T,C), (L,B,T) x2
     float *qkv;                       // (L,B,T,3C)
+    float *qkvn, *qk_mean, *qk_rstd;  // qk_norm only: (L,B,T,3C) attention's input, (L,B,T,2,NH) x2
     float *att;                       // (L,B,NH,T,T)
     float *atty;                      // (L,B,T,C)
     float *res2;                      // (L,B,T,C)
@@ -323,10 +440,13 @@ typedef struct {
     float *lnf, *lnf_mean, *lnf_rstd; // (B,T,C), (B,T) x2
     float *logits;                    // (B,T,Vp): logits, then probabilities, then dlogits
     float *losses;                    // (B,T)
+    float *lin_saved;                 // every structured layer's saved intermediate (Linear.saved)
     // backward scratch, reused by every layer
     float *dres, *dln, *datty;        // (B,T,C)
-    float *dqkv;                      // (B,T,3C)
+    float *dqkv, *dqkvn;              // (B,T,3C); dqkvn with qk_norm only
     float *dfch_gelu, *dfch;          // (B,T,4C)
+    float *lin_scratch;               // the structured layers' temporaries (the largest need)
+    float *dweff;                     // rms_cap: dL/dW_eff of one layer's cores
 } Activations;
 
 typedef struct {
@@ -340,6 +460,8 @@ typedef struct {
     LayerParams *layers;              // (L)
     Activations acts;
     float *act_memory;
+    float *weff;                      // rms_cap's effective cores, recomputed by every forward
+    float attn_scale;                 // 1/sqrt(hs), or 8/hs under attn_scale "mup"
     int Bmax, Tmax;
     int B, T;                         // shape of the last forward
     const int *inputs, *targets;      // of the last forward (caller-owned)
@@ -349,18 +471,30 @@ typedef struct {
 static float *P(GPT2 *m, int t) { return m->params + m->tensors[t].offset; }
 static float *G(GPT2 *m, int t) { return m->grads + m->tensors[t].offset; }
 
-static int add_tensor(GPT2 *m, const char *name, int ndim, long long d0, long long d1, int decay) {
+// Adds a tensor of shape (d0[, d1[, d2]]) (ndim 1 to 3) and returns its index.
+static int add_tensor(GPT2 *m, const char *name, int ndim, long long d0, long long d1, long long d2,
+                      int decay, float init_std) {
     if (m->ntensors == MAX_TENSORS) { fprintf(stderr, "error: more than %d tensors\n", MAX_TENSORS); exit(1); }
     ParamTensor *t = &m->tensors[m->ntensors];
     snprintf(t->name, sizeof t->name, "%s", name);
     t->ndim = ndim;
-    t->shape[0] = d0;
-    t->shape[1] = d1;
-    t->size = (size_t)d0 * (ndim > 1 ? (size_t)d1 : 1);
+    long long d[3] = {d0, d1, d2};
+    t->size = 1;
+    for (int i = 0; i < ndim; i++) { t->shape[i] = d[i]; t->size *= (size_t)d[i]; }
     t->offset = m->num_params;
     t->decay = decay;
+    t->lr_mult = 1.0f;
+    t->init_std = init_std;
     m->num_params += t->size;
     return m->ntensors++;
+}
+
+// "(a, b, c)" of a tensor's shape
+static const char *shape_str(char *buf, size_t len, int ndim, const long long *shape) {
+    int n = snprintf(buf, len, "(");
+    for (int d = 0; d < ndim; d++) n += snprintf(buf + n, len - n, "%s%lld", d ? ", " : "", shape[d]);
+    snprintf(buf + n, len - n, ")");
+    return buf;
 }
 
 static int find_tensor(const GPT2 *m, const char *name) {
@@ -368,13 +502,29 @@ static int find_tensor(const GPT2 *m, const char *name) {
     return -1;
 }
 
-static Linear add_linear(GPT2 *m, int layer, int which, int d_in, int d_out) {
+// The tensors of one linear layer (DESIGN section 5 names): W (dense (d_out, d_in), blockdiag
+// (b, d_out/b, d_in/b)) or W0 and W1 (the cores (nb, q, p)), then gamma0/gamma1 (rms_cap), then b.
+static Linear add_linear(GPT2 *m, const Structure *s, int layer) {
     char name[64];
-    Linear lin = {.type_dense = 1, .d_in = d_in, .d_out = d_out};
-    snprintf(name, sizeof name, "h.%d.%s.W", layer, linear_names[which]);
-    lin.W = add_tensor(m, name, 2, d_out, d_in, 1);
-    snprintf(name, sizeof name, "h.%d.%s.b", layer, linear_names[which]);
-    lin.b = add_tensor(m, name, 1, d_out, 0, 0);
+    const char *proj = linear_names[s->which];
+    Linear lin = {.s = *s, .d_in = s->d_in, .d_out = s->d_out, .core = {-1, -1}, .gamma = {-1, -1}};
+    for (int c = 0; c < s->ncores; c++) {
+        const CoreShape *k = &s->core[c];
+        if (s->type == STRUCT_DENSE) {
+            snprintf(name, sizeof name, "h.%d.%s.W", layer, proj);
+            lin.core[c] = add_tensor(m, name, 2, k->q, k->p, 0, 1, (float)s->init_std[c]);
+        } else {
+            snprintf(name, sizeof name, s->ncores == 1 ? "h.%d.%s.W" : "h.%d.%s.W%d", layer, proj, c);
+            lin.core[c] = add_tensor(m, name, 3, k->nb, k->q, k->p, 1, (float)s->init_std[c]);
+        }
+        m->tensors[lin.core[c]].lr_mult = (float)s->lr_mult[c];
+    }
+    for (int c = 0; s->rms_cap && c < s->ncores; c++) {
+        snprintf(name, sizeof name, "h.%d.%s.gamma%d", layer, proj, c);
+        lin.gamma[c] = add_tensor(m, name, 1, 1, 0, 0, 0, INIT_ONES);
+    }
+    snprintf(name, sizeof name, "h.%d.%s.b", layer, proj);
+    lin.b = add_tensor(m, name, 1, s->d_out, 0, 0, 0, 0.0f);
     return lin;
 }
 
@@ -388,43 +538,76 @@ static void gpt2_build(GPT2 *m, const Config *cfg, int Bmax, int Tmax) {
     m->V = cfg->model.vocab_size;
     int Vp = m->Vp = cfg->model.padded_vocab_size;
     m->maxT = cfg->model.block_size;
-    m->wte = add_tensor(m, "wte", 2, Vp, C, 1);
-    m->wpe = add_tensor(m, "wpe", 2, m->maxT, C, 1);
+    int NH = m->NH, hs = C / NH, qk = cfg->model.qk_norm;
+    m->attn_scale = strcmp(cfg->model.attn_scale, "mup") == 0 ? 8.0f / hs : 1.0f / sqrtf((float)hs);
+    Structure st[NUM_LINEAR];
+    char err[ERRLEN];
+    for (int k = 0; k < NUM_LINEAR; k++) {
+        if (structure_resolve(&st[k], cfg, k, err, sizeof err)) { fprintf(stderr, "error: %s\n", err); exit(1); }
+    }
+    m->wte = add_tensor(m, "wte", 2, Vp, C, 0, 1, 0.02f);
+    m->wpe = add_tensor(m, "wpe", 2, m->maxT, C, 0, 1, 0.02f);
     m->layers = xcalloc((size_t)L * sizeof(LayerParams));
-    const int d_in[NUM_LINEAR] = {C, C, C, 4 * C}, d_out[NUM_LINEAR] = {3 * C, C, 4 * C, C};
+    size_t BT = (size_t)Bmax * Tmax, saved = 0, scratch = 0, weff = 0, dweff = 0;
     for (int l = 0; l < L; l++) {
         LayerParams *lp = &m->layers[l];
         char name[64];
-        snprintf(name, sizeof name, "h.%d.ln1.w", l); lp->ln1w = add_tensor(m, name, 1, C, 0, 0);
-        snprintf(name, sizeof name, "h.%d.ln1.b", l); lp->ln1b = add_tensor(m, name, 1, C, 0, 0);
-        snprintf(name, sizeof name, "h.%d.ln2.w", l); lp->ln2w = add_tensor(m, name, 1, C, 0, 0);
-        snprintf(name, sizeof name, "h.%d.ln2.b", l); lp->ln2b = add_tensor(m, name, 1, C, 0, 0);
-        for (int k = 0; k < NUM_LINEAR; k++) lp->lin[k] = add_linear(m, l, k, d_in[k], d_out[k]);
+        snprintf(name, sizeof name, "h.%d.ln1.w", l); lp->ln1w = add_tensor(m, name, 1, C, 0, 0, 0, INIT_ONES);
+        snprintf(name, sizeof name, "h.%d.ln1.b", l); lp->ln1b = add_tensor(m, name, 1, C, 0, 0, 0, 0.0f);
+        lp->qkw = lp->qkb = lp->kkw = lp->kkb = -1;
+        if (qk) {
+            snprintf(name, sizeof name, "h.%d.qk_norm.q.w", l); lp->qkw = add_tensor(m, name, 1, hs, 0, 0, 0, INIT_ONES);
+            snprintf(name, sizeof name, "h.%d.qk_norm.q.b", l); lp->qkb = add_tensor(m, name, 1, hs, 0, 0, 0, 0.0f);
+            snprintf(name, sizeof name, "h.%d.qk_norm.k.w", l); lp->kkw = add_tensor(m, name, 1, hs, 0, 0, 0, INIT_ONES);
+            snprintf(name, sizeof name, "h.%d.qk_norm.k.b", l); lp->kkb = add_tensor(m, name, 1, hs, 0, 0, 0, 0.0f);
+        }
+        for (int k = 0; k < NUM_LINEAR; k++) {
+            if (k == LIN_MLP_FC) {   // checkpoint order: the attention half, ln2, the MLP half
+                snprintf(name, sizeof name, "h.%d.ln2.w", l); lp->ln2w = add_tensor(m, name, 1, C, 0, 0, 0, INIT_ONES);
+                snprintf(name, sizeof name, "h.%d.ln2.b", l); lp->ln2b = add_tensor(m, name, 1, C, 0, 0, 0, 0.0f);
+            }
+            Linear *lin = &lp->lin[k];
+            *lin = add_linear(m, &st[k], l);
+            lin->saved = saved;
+            saved += structured_saved_floats(&st[k], (int)BT);
+            size_t need = structured_scratch_floats(&st[k], (int)BT), cores = 0;
+            if (need > scratch) scratch = need;
+            for (int c = 0; c < st[k].ncores; c++) {
+                size_t n = m->tensors[lin->core[c]].size;
+                lin->weff[c] = weff;
+                if (st[k].rms_cap) { weff += n; cores += n; }
+            }
+            if (cores > dweff) dweff = cores;
+        }
     }
-    m->lnfw = add_tensor(m, "lnf.w", 1, C, 0, 0);
-    m->lnfb = add_tensor(m, "lnf.b", 1, C, 0, 0);
+    m->lnfw = add_tensor(m, "lnf.w", 1, C, 0, 0, 0, INIT_ONES);
+    m->lnfb = add_tensor(m, "lnf.b", 1, C, 0, 0, 0, 0.0f);
     size_t bytes = m->num_params * sizeof(float);
     m->params = xcalloc(bytes);
     m->grads = xcalloc(bytes);
     m->m = xcalloc(bytes);
     m->v = xcalloc(bytes);
+    m->weff = xcalloc(weff * sizeof(float));
 
     // activations: the table order is the layout order of the one allocation
     m->Bmax = Bmax;
     m->Tmax = Tmax;
-    size_t BT = (size_t)Bmax * Tmax, NH = m->NH;
     Activations *a = &m->acts;
+    size_t qkn = qk ? 1 : 0;
     struct { float **p; size_t n; } table[] = {
         {&a->encoded, BT * C},
         {&a->ln1, L * BT * C}, {&a->ln1_mean, L * BT}, {&a->ln1_rstd, L * BT},
-        {&a->qkv, L * BT * 3 * C}, {&a->att, L * Bmax * NH * Tmax * Tmax}, {&a->atty, L * BT * C},
+        {&a->qkv, L * BT * 3 * C},
+        {&a->qkvn, qkn * L * BT * 3 * C}, {&a->qk_mean, qkn * L * BT * 2 * NH}, {&a->qk_rstd, qkn * L * BT * 2 * NH},
+        {&a->att, L * Bmax * NH * Tmax * Tmax}, {&a->atty, L * BT * C},
         {&a->res2, L * BT * C},
         {&a->ln2, L * BT * C}, {&a->ln2_mean, L * BT}, {&a->ln2_rstd, L * BT},
         {&a->fch, L * BT * 4 * C}, {&a->fch_gelu, L * BT * 4 * C}, {&a->res3, L * BT * C},
         {&a->lnf, BT * C}, {&a->lnf_mean, BT}, {&a->lnf_rstd, BT},
-        {&a->logits, BT * Vp}, {&a->losses, BT},
+        {&a->logits, BT * Vp}, {&a->losses, BT}, {&a->lin_saved, saved},
         {&a->dres, BT * C}, {&a->dln, BT * C}, {&a->datty, BT * C}, {&a->dqkv, BT * 3 * C},
-        {&a->dfch_gelu, BT * 4 * C}, {&a->dfch, BT * 4 * C},
+        {&a->dqkvn, qkn * BT * 3 * C}, {&a->dfch_gelu, BT * 4 * C}, {&a->dfch, BT * 4 * C},
+        {&a->lin_scratch, scratch}, {&a->dweff, dweff},
     };
     size_t total = 0;
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) total += table[i].n;
@@ -435,28 +618,25 @@ static void gpt2_build(GPT2 *m, const Config *cfg, int Bmax, int Tmax) {
 }
 
 static void gpt2_free(GPT2 *m) {
-    free(m->params); free(m->grads); free(m->m); free(m->v);
+    free(m->params); free(m->grads); free(m->m); free(m->v); free(m->weff);
     free(m->act_memory); free(m->layers);
 }
 
-// GPT-2 init: N(0, 0.02) matrices and embeddings, the residual projections (attn_proj, mlp_proj)
-// scaled by 1/sqrt(2 L); biases 0; LayerNorm weight 1, bias 0. Tensors drawn in table order.
+// Init from each tensor's init_std (set by gpt2_build): embeddings N(0, 0.02); dense matrices as
+// GPT-2 and structured cores as llmc/structure.h says (DESIGN 3.7); biases 0; LayerNorm weights and
+// gamma 1. Tensors drawn in table order from one generator; zero and one tensors draw nothing.
 static void gpt2_init_weights(GPT2 *m, uint64_t seed) {
     Rng rng;
     rng_seed(&rng, seed);
-    float resid_std = 0.02f / sqrtf(2.0f * m->L);
     for (int i = 0; i < m->ntensors; i++) {
         ParamTensor *t = &m->tensors[i];
         float *p = m->params + t->offset;
-        const char *n = t->name;
-        size_t len = strlen(n);
-        if (len > 2 && !strcmp(n + len - 2, ".w") && strstr(n, "ln")) {
+        if (t->init_std == INIT_ONES) {
             for (size_t j = 0; j < t->size; j++) p[j] = 1.0f;
-        } else if (!t->decay) {
+        } else if (t->init_std == 0.0f) {
             memset(p, 0, t->size * sizeof(float));
         } else {
-            int resid = strstr(n, ".attn_proj.") || strstr(n, ".mlp_proj.");
-            rng_normal_fill(&rng, p, t->size, resid ? resid_std : 0.02f);
+            rng_normal_fill(&rng, p, t->size, t->init_std);
         }
     }
 }
@@ -464,21 +644,66 @@ static void gpt2_init_weights(GPT2 *m, uint64_t seed) {
 // ----------------------------------------------------------------------------------------------
 // Forward and backward of the whole model
 
-static void linear_forward(GPT2 *m, const Linear *lin, float *out, const float *inp, int N) {
-    matmul_forward(out, inp, P(m, lin->W), P(m, lin->b), N, lin->d_in, lin->d_out);
+// The weights a linear layer's forward multiplies by: its cores, or under rms_cap the effective
+// cores gamma W / max(1, RMS(W)/sigma) (recomputed here, as the weights change every step).
+static const float *linear_core(GPT2 *m, const Linear *lin, int c, int recompute) {
+    if (c >= lin->s.ncores) return NULL;
+    if (lin->gamma[c] < 0) return P(m, lin->core[c]);
+    float *weff = m->weff + lin->weff[c];
+    if (recompute) rms_cap_forward(weff, P(m, lin->core[c]), m->tensors[lin->core[c]].size, *P(m, lin->gamma[c]),
+                                   lin->s.mup_sigma[c]);
+    return weff;
 }
+
+// out (N, d_out) = S(inp (N, d_in)) + b
+static void linear_forward(GPT2 *m, const Linear *lin, float *out, const float *inp, int N) {
+    structured_forward(&lin->s, out, inp, linear_core(m, lin, 0, 1), linear_core(m, lin, 1, 1),
+                       m->acts.lin_saved + lin->saved, m->acts.lin_scratch, N);
+    const float *b = P(m, lin->b);
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        float *y = out + (size_t)n * lin->d_out;
+        for (int o = 0; o < lin->d_out; o++) y[o] += b[o];
+    }
+}
+// dinp (N, d_in) = S'(dout) (overwritten); the cores' (and gammas') and the bias's gradients += ...
+// Under rms_cap the driver's weight gradient goes to dweff, then through the cap to W and gamma.
 static void linear_backward(GPT2 *m, const Linear *lin, float *dinp, const float *dout, const float *inp, int N) {
-    matmul_backward(dinp, G(m, lin->W), G(m, lin->b), dout, inp, P(m, lin->W), N, lin->d_in, lin->d_out);
+    const Structure *s = &lin->s;
+    float *dW[2] = {NULL, NULL}, *dweff = m->acts.dweff;
+    for (int c = 0; c < s->ncores; c++) {
+        size_t n = m->tensors[lin->core[c]].size;
+        if (lin->gamma[c] < 0) { dW[c] = G(m, lin->core[c]); continue; }
+        dW[c] = dweff;
+        memset(dweff, 0, n * sizeof(float));
+        dweff += n;
+    }
+    structured_backward(s, dinp, dW[0], dW[1], dout, inp, linear_core(m, lin, 0, 0), linear_core(m, lin, 1, 0),
+                        m->acts.lin_saved + lin->saved, m->acts.lin_scratch, N);
+    for (int c = 0; c < s->ncores; c++) {
+        if (lin->gamma[c] < 0) continue;
+        int k = lin->core[c];
+        rms_cap_backward(G(m, k), G(m, lin->gamma[c]), dW[c], P(m, k), m->tensors[k].size, *P(m, lin->gamma[c]),
+                         s->mup_sigma[c]);
+    }
+    float *db = G(m, lin->b);
+    #pragma omp parallel for
+    for (int o = 0; o < lin->d_out; o++) {
+        float sum = 0.0f;
+        for (int n = 0; n < N; n++) sum += dout[(size_t)n * lin->d_out + o];
+        db[o] += sum;
+    }
 }
 
 // Per-layer activation pointers for the current (B, T): layer l's slice of each (L, ...) buffer.
-typedef struct { float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *res2, *ln2, *ln2_mean, *ln2_rstd,
-                 *fch, *fch_gelu, *res3; } LayerActs;
+typedef struct { float *ln1, *ln1_mean, *ln1_rstd, *qkv, *qkvn, *qk_mean, *qk_rstd, *att, *atty, *res2,
+                 *ln2, *ln2_mean, *ln2_rstd, *fch, *fch_gelu, *res3; } LayerActs;
 static LayerActs layer_acts(GPT2 *m, int l) {
     Activations *a = &m->acts;
-    size_t BT = (size_t)m->B * m->T, C = m->C;
+    size_t BT = (size_t)m->B * m->T, C = m->C, qk = m->cfg.model.qk_norm ? 1 : 0;
     LayerActs la = {
         a->ln1 + l * BT * C, a->ln1_mean + l * BT, a->ln1_rstd + l * BT, a->qkv + l * BT * 3 * C,
+        a->qkvn + qk * l * BT * 3 * C, a->qk_mean + qk * l * BT * 2 * m->NH, a->qk_rstd + qk * l * BT * 2 * m->NH,
         a->att + l * (size_t)m->B * m->NH * m->T * m->T, a->atty + l * BT * C, a->res2 + l * BT * C,
         a->ln2 + l * BT * C, a->ln2_mean + l * BT, a->ln2_rstd + l * BT,
         a->fch + l * BT * 4 * C, a->fch_gelu + l * BT * 4 * C, a->res3 + l * BT * C};
@@ -505,7 +730,13 @@ static void gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, 
         const float *x = layer_input(m, l);
         layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, x, P(m, lp->ln1w), P(m, lp->ln1b), N, C);
         linear_forward(m, &lp->lin[LIN_ATTN_QKV], la.qkv, la.ln1, N);
-        attention_forward(la.atty, la.att, la.qkv, B, T, C, m->NH);
+        const float *qkv = la.qkv;
+        if (lp->qkw >= 0) {
+            qknorm_forward(la.qkvn, la.qk_mean, la.qk_rstd, la.qkv, P(m, lp->qkw), P(m, lp->qkb), P(m, lp->kkw),
+                           P(m, lp->kkb), N, C, m->NH);
+            qkv = la.qkvn;
+        }
+        attention_forward(la.atty, la.att, qkv, B, T, C, m->NH, m->attn_scale);
         linear_forward(m, &lp->lin[LIN_ATTN_PROJ], la.res2, la.atty, N);   // attn_proj into res2 ...
         residual_forward(la.res2, x, la.res2, (size_t)N * C);               // ... then res2 = x + it
         layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.res2, P(m, lp->ln2w), P(m, lp->ln2b), N, C);
@@ -547,7 +778,13 @@ static void gpt2_backward(GPT2 *m, float loss_scale) {
         layernorm_backward(a->dres, G(m, lp->ln2w), G(m, lp->ln2b), a->dln, la.res2, P(m, lp->ln2w),
                            la.ln2_mean, la.ln2_rstd, N, C);
         linear_backward(m, &lp->lin[LIN_ATTN_PROJ], a->datty, a->dres, la.atty, N);
-        attention_backward(a->dqkv, a->datty, la.qkv, la.att, B, T, C, m->NH);
+        if (lp->qkw >= 0) {
+            attention_backward(a->dqkvn, a->datty, la.qkvn, la.att, B, T, C, m->NH, m->attn_scale);
+            qknorm_backward(a->dqkv, G(m, lp->qkw), G(m, lp->qkb), G(m, lp->kkw), G(m, lp->kkb), a->dqkvn, la.qkv,
+                            P(m, lp->qkw), P(m, lp->kkw), la.qk_mean, la.qk_rstd, N, C, m->NH);
+        } else {
+            attention_backward(a->dqkv, a->datty, la.qkv, la.att, B, T, C, m->NH, m->attn_scale);
+        }
         linear_backward(m, &lp->lin[LIN_ATTN_QKV], a->dln, a->dqkv, la.ln1, N);
         layernorm_backward(a->dres, G(m, lp->ln1w), G(m, lp->ln1b), a->dln, x, P(m, lp->ln1w),
                            la.ln1_mean, la.ln1_rstd, N, C);
@@ -563,15 +800,15 @@ static float gpt2_grad_norm(GPT2 *m) {
     return (float)sqrt(s);
 }
 
-// AdamW with decoupled weight decay (matrices only), step t >= 1, gradients scaled by grad_scale
-// (the clipping factor): p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p)
+// AdamW with decoupled weight decay (matrices and cores only), step t >= 1, gradients scaled by
+// grad_scale (the clipping factor), each tensor at its own lr (mup): p -= lr_t (mhat / (sqrt(vhat) + eps) + wd p)
 static void gpt2_update(GPT2 *m, float lr, float grad_scale, int t) {
     const Config *c = &m->cfg;
     float b1 = c->optim.beta1, b2 = c->optim.beta2, eps = c->optim.eps;
     float bc1 = 1.0f - powf(b1, (float)t), bc2 = 1.0f - powf(b2, (float)t);
     for (int k = 0; k < m->ntensors; k++) {
         ParamTensor *tn = &m->tensors[k];
-        float wd = tn->decay ? c->optim.weight_decay : 0.0f;
+        float wd = tn->decay ? c->optim.weight_decay : 0.0f, tlr = lr * tn->lr_mult;
         float *p = m->params + tn->offset, *g = m->grads + tn->offset;
         float *mm = m->m + tn->offset, *vv = m->v + tn->offset;
         #pragma omp parallel for
@@ -580,7 +817,7 @@ static void gpt2_update(GPT2 *m, float lr, float grad_scale, int t) {
             mm[i] = b1 * mm[i] + (1.0f - b1) * gi;
             vv[i] = b2 * vv[i] + (1.0f - b2) * gi * gi;
             float mhat = mm[i] / bc1, vhat = vv[i] / bc2;
-            p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+            p[i] -= tlr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
         }
     }
 }
@@ -597,10 +834,11 @@ static float gpt2_optimizer_step(GPT2 *m, int step, float *lr_out) {
 
 // Training FLOPs per token: 6 per MAC of every matmul (forward 2, backward 4) plus attention
 // (q.k and att.v: 2 T C MACs per token per layer at full context, halved by the causal mask).
+// The linear layers count their real MACs (llmc/structure.h), not those of the dense layer they replace.
 static double gpt2_flops_per_token(const GPT2 *m, int T) {
     double macs = (double)m->Vp * m->C;   // LM head
     for (int l = 0; l < m->L; l++)
-        for (int k = 0; k < NUM_LINEAR; k++) macs += (double)m->layers[l].lin[k].d_in * m->layers[l].lin[k].d_out;
+        for (int k = 0; k < NUM_LINEAR; k++) macs += m->layers[l].lin[k].s.macs;
     double attn = (double)m->L * T * m->C;   // causal: (T/2) * C * 2 matmuls per token
     return 6.0 * (macs + attn);
 }
@@ -677,8 +915,10 @@ static int load_tensors(GPT2 *m, const SafeTensors *st, const char *path, const 
         int same = strcmp(dtype, "F32") == 0 && ndim == t->ndim;
         for (int d = 0; same && d < ndim; d++) same = shape[d] == t->shape[d];
         if (!same) {
-            snprintf(err, ERRLEN, "%s: tensor %s: dtype %s shape (%lld,%lld) but the config's model needs F32 (%lld,%lld)",
-                     path, name, dtype, shape[0], ndim > 1 ? shape[1] : 0, t->shape[0], t->ndim > 1 ? t->shape[1] : 0);
+            char have[96], want[96];
+            snprintf(err, ERRLEN, "%s: tensor %s: dtype %s shape %s but the config's model needs F32 %s",
+                     path, name, dtype, shape_str(have, sizeof have, ndim, shape),
+                     shape_str(want, sizeof want, t->ndim, t->shape));
             return -1;
         }
         memcpy(base + t->offset, data, t->size * sizeof(float));
@@ -693,6 +933,15 @@ static int gpt2_load_llmc(GPT2 *m, const char *path, char *err) {
     if (llmc_model_read(path, h, &src, &n, err, ERRLEN)) return -1;
     const char *what[6] = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "padded_vocab_size"};
     int ours[6] = {m->maxT, m->V, m->L, m->NH, m->C, m->Vp};
+    for (int k = 0; k < NUM_LINEAR; k++) {
+        if (m->layers[0].lin[k].s.type != STRUCT_DENSE || m->cfg.model.qk_norm) {
+            snprintf(err, ERRLEN, "%s: an llm.c model is dense GPT-2, but the config's model.linear.%s is \"%s\"%s "
+                     "(convert it first: dev/tools/project %s OUT.safetensors --to TYPE)", path, linear_names[k],
+                     m->cfg.model.linear[k].type, m->cfg.model.qk_norm ? " with qk_norm" : "", path);
+            free(src);
+            return -1;
+        }
+    }
     for (int i = 0; i < 6; i++) {
         if (h[2 + i] != ours[i]) {
             snprintf(err, ERRLEN, "%s: the file's %s is %d but the config's model.%s is %d (use --set model.%s=%d)",
@@ -709,11 +958,11 @@ static int gpt2_load_llmc(GPT2 *m, const char *path, char *err) {
     #define TAKE_ONE(idx) { ParamTensor *t = &m->tensors[idx]; memcpy(m->params + t->offset, p, t->size * sizeof(float)); p += t->size; }
     TAKE_ONE(m->wte); TAKE_ONE(m->wpe);
     TAKE_LAYERS(ln1w); TAKE_LAYERS(ln1b);
-    TAKE_LAYERS(lin[LIN_ATTN_QKV].W); TAKE_LAYERS(lin[LIN_ATTN_QKV].b);
-    TAKE_LAYERS(lin[LIN_ATTN_PROJ].W); TAKE_LAYERS(lin[LIN_ATTN_PROJ].b);
+    TAKE_LAYERS(lin[LIN_ATTN_QKV].core[0]); TAKE_LAYERS(lin[LIN_ATTN_QKV].b);
+    TAKE_LAYERS(lin[LIN_ATTN_PROJ].core[0]); TAKE_LAYERS(lin[LIN_ATTN_PROJ].b);
     TAKE_LAYERS(ln2w); TAKE_LAYERS(ln2b);
-    TAKE_LAYERS(lin[LIN_MLP_FC].W); TAKE_LAYERS(lin[LIN_MLP_FC].b);
-    TAKE_LAYERS(lin[LIN_MLP_PROJ].W); TAKE_LAYERS(lin[LIN_MLP_PROJ].b);
+    TAKE_LAYERS(lin[LIN_MLP_FC].core[0]); TAKE_LAYERS(lin[LIN_MLP_FC].b);
+    TAKE_LAYERS(lin[LIN_MLP_PROJ].core[0]); TAKE_LAYERS(lin[LIN_MLP_PROJ].b);
     TAKE_ONE(m->lnfw); TAKE_ONE(m->lnfb);
     #undef TAKE_LAYERS
     #undef TAKE_ONE
@@ -841,22 +1090,42 @@ static double now_ms(void) {
     return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
 }
 
-static void print_summary(const GPT2 *m) {
-    const Config *c = &m->cfg;
-    printf("model: %d layers, %d heads, n_embd %d, block_size %d, vocab %d (padded %d)\n",
-           m->L, m->NH, m->C, m->maxT, m->V, m->Vp);
-    printf("%-10s %-8s %-14s %12s %12s\n", "layer", "type", "shape", "params", "MACs/token");
-    size_t lin_params = 0;
+// The start-up summary (DESIGN 3, issue 5): per projection (the same in every block) its structure,
+// core shapes, parameters and MACs per token next to the dense layer's, then the totals. Printed,
+// and returned as one JSON record for log.jsonl (malloc'd).
+static char *print_summary(const GPT2 *m, int step) {
+    printf("model: %d layers, %d heads, n_embd %d, block_size %d, vocab %d (padded %d)%s%s%s\n",
+           m->L, m->NH, m->C, m->maxT, m->V, m->Vp, m->cfg.model.qk_norm ? ", qk_norm" : "",
+           strcmp(m->cfg.model.attn_scale, "mup") ? "" : ", attn_scale mup",
+           strcmp(m->cfg.model.parametrization, "mup") ? "" : ", parametrization mup");
+    printf("%-9s %-12s %-44s %11s %11s %11s %7s\n", "layer", "shape", "structure (cores (blocks, out, in))",
+           "params", "MACs/token", "dense", "ratio");
+    size_t cap = 4096, len = 0;
+    char *rec = xmalloc(cap);
+    len += snprintf(rec, cap, "{\"type\": \"model\", \"step\": %d, \"layers\": [", step);
+    double macs = 0.0, dense_macs = 0.0, lin_params = 0.0;
     for (int k = 0; k < NUM_LINEAR; k++) {
         const Linear *lin = &m->layers[0].lin[k];
-        char shape[32];
+        const Structure *s = &lin->s;
+        char shape[32], desc[256];
         snprintf(shape, sizeof shape, "%d -> %d", lin->d_in, lin->d_out);
-        size_t p = (size_t)lin->d_in * lin->d_out;
-        printf("%-10s %-8s %-14s %12zu %12zu\n", linear_names[k], c->model.linear[k].type, shape, p + lin->d_out, p);
-        lin_params += (p + lin->d_out) * m->L;
+        structure_describe(s, desc, sizeof desc);
+        long long params = s->params + lin->d_out + (s->rms_cap ? s->ncores : 0);   // + bias, gamma
+        printf("%-9s %-12s %-44s %11lld %11.0f %11.0f %6.3fx%s\n", linear_names[k], shape, desc, params, s->macs,
+               s->dense_macs, s->macs / s->dense_macs, s->rms_cap ? " rms_cap" : "");
+        len += snprintf(rec + len, cap - len, "%s{\"name\": \"%s\", \"d_in\": %d, \"d_out\": %d, \"structure\": \"%s\", "
+                        "\"params\": %lld, \"macs\": %.0f, \"dense_macs\": %.0f}", k ? ", " : "", linear_names[k],
+                        lin->d_in, lin->d_out, desc, params, s->macs, s->dense_macs);
+        macs += s->macs * m->L;
+        dense_macs += s->dense_macs * m->L;
+        lin_params += (double)params * m->L;
     }
-    printf("parameters: %zu total, %zu in linear layers; training FLOPs/token %.3g (T=%d)\n",
-           m->num_params, lin_params, gpt2_flops_per_token(m, m->Tmax), m->Tmax);
+    double fpt = gpt2_flops_per_token(m, m->Tmax);
+    printf("totals (x%d layers): linear layers %.0f params, %.4g MACs/token (%.3fx dense); model %zu params; "
+           "training FLOPs/token %.4g (T=%d)\n", m->L, lin_params, macs, macs / dense_macs, m->num_params, fpt, m->Tmax);
+    snprintf(rec + len, cap - len, "], \"linear_params\": %.0f, \"linear_macs\": %.0f, \"dense_linear_macs\": %.0f, "
+             "\"params\": %zu, \"flops_per_token\": %.6g}", lin_params, macs, dense_macs, m->num_params, fpt);
+    return rec;
 }
 
 #ifndef TESTING
@@ -891,7 +1160,7 @@ int main(int argc, char **argv) {
     }
     int B = cfg.train.micro_batch, T = cfg.train.seq_len;
     printf("threads: %d (OMP_NUM_THREADS)\n", omp_get_max_threads());
-    print_summary(&model);
+    char *summary = print_summary(&model, st.step);
 
     if (args.eval_shard) {
         if (!args.init_from && !args.resume_dir) fail("--eval needs --init-from FILE or --resume RUN_DIR");
@@ -904,6 +1173,7 @@ int main(int argc, char **argv) {
         printf("eval %s: loss %.6f over %lld tokens\n", args.eval_shard, loss, tokens);
         dataloader_free(&dl);
         gpt2_free(&model);
+        free(summary);
         return 0;
     }
 
@@ -942,6 +1212,8 @@ int main(int argc, char **argv) {
     Logger log;
     if (args.resume_dir && logger_truncate_after(run_dir, st.step, err, sizeof err)) fail(err);
     if (logger_open(&log, run_dir, args.resume_dir != NULL, err, sizeof err)) fail(err);
+    logger_write(&log, summary);
+    free(summary);
     snprintf(path, sizeof path, "%s/samples.txt", run_dir);
 
     signal(SIGINT, on_stop_signal);

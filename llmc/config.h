@@ -552,17 +552,17 @@ static int cfg_check_shape(const CfgLoad *L, int p) {
                     linear_names[p], d_in, d_out, valid);
 }
 
-// The structures exist in the config (and are validated above) before the kernels exist; until then
-// only dense runs. This is the one place to delete when they land.
+// btt_moe is validated above but its routing (llmc/moe.h) is not in the trainers yet. This is the
+// one place to delete when it lands.
 static int config_check_implemented(const CfgLoad *L) {
     for (int p = 0; p < NUM_LINEAR; p++) {
         const char *type = L->c->model.linear[p].type;
-        if (!strcmp(type, "dense")) continue;
+        if (strcmp(type, "btt_moe")) continue;
         int s = L->own[p] ? p : CFG_DEFAULT_SPEC;
         char path[128], vt[32];
         snprintf(path, sizeof path, "model.linear.%s.type", cfg_spec_path(s));
         snprintf(vt, sizeof vt, "\"%s\"", type);
-        return cfg_fail(L, L->spec_src[s], path, vt, "not implemented yet in this version (only \"dense\")");
+        return cfg_fail(L, L->spec_src[s], path, vt, "not implemented yet in this version");
     }
     return 0;
 }

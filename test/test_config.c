@@ -249,10 +249,8 @@ static void test_errors(void) {
          "FILE: model.linear.mlp_proj.in_blocks: 5: must divide d_in of mlp_proj (3072 -> 768); valid: 1 2 3 4 6 8 12 16 24 32 48 64 96 128 192 256 384 512 768 1024 1536 3072"},
         {"lowrank: rank <= min(d_in, d_out)", "{\"model\": {\"linear\": {\"mlp_fc\": {\"type\": \"lowrank\", \"rank\": 800}}}}",
          "FILE: model.linear.mlp_fc.rank: 800: must be in [1, 768] for mlp_fc (768 -> 3072)"},
-        {"structured type: not implemented yet", "{\"model\": {\"linear\": {\"attn_qkv\": {\"type\": \"monarch\", \"blocks\": 4}}}}",
-         "FILE: model.linear.attn_qkv.type: \"monarch\": not implemented yet in this version (only \"dense\")"},
-        {"structured default: not implemented yet", "{\"model\": {\"linear\": {\"default\": {\"type\": \"btt\", \"rank\": 2}}}}",
-         "FILE: model.linear.default.type: \"btt\": not implemented yet in this version (only \"dense\")"},
+        {"btt_moe: not implemented yet", "{\"model\": {\"linear\": {\"mlp_fc\": {\"type\": \"btt_moe\", \"experts\": 4}}}}",
+         "FILE: model.linear.mlp_fc.type: \"btt_moe\": not implemented yet in this version"},
     };
     for (size_t i = 0; i < sizeof ranges / sizeof ranges[0]; i++) check_error(ranges[i].name, ranges[i].json, NULL, 1, ranges[i].msg);
 
