@@ -63,4 +63,40 @@ bench-moe: deps all
 	dev/bench/bench_moe
 
 # ---- CUDA (begin) ----
+# The CUDA trainer (train_gpt2cu), its GPU test and the kernel programs of dev/cuda (build/cuda/).
+# Building needs nvcc and the CUDA libraries only; test-cuda, bench-cuda and check-gpu need a GPU.
+# No --use_fast_math: the GPU must follow the CPU trainer's expf/tanhf/sqrtf to stay within the
+# parity tolerances of test/test_gpt2_cuda.cu.
+NVCC        ?= nvcc
+NVCC_FLAGS  ?= -O3
+NVCC_FLAGS  += -arch=sm_90 -std=c++17 -I. -Xcompiler -fopenmp
+NVCC_LDLIBS := -lcublasLt -lcublas -lnccl -lcjson -lpcre2-8 -lm
+CUDA_DEPS   := $(wildcard llmc/*.cuh) $(HEADERS)
+CUDA_DEV    := $(patsubst dev/cuda/%.cu,build/cuda/%,$(wildcard dev/cuda/*.cu))
+
+.PHONY: cuda test-cuda bench-cuda check-gpu
+cuda: train_gpt2cu build/cuda/test_gpt2_cuda $(CUDA_DEV)
+
+train_gpt2cu: train_gpt2.cu $(CUDA_DEPS)
+	$(NVCC) $(NVCC_FLAGS) -o $@ $< $(NVCC_LDLIBS)
+
+build/cuda/test_gpt2_cuda: test/test_gpt2_cuda.cu train_gpt2.cu test/test.h $(CUDA_DEPS)
+	@mkdir -p build/cuda
+	$(NVCC) $(NVCC_FLAGS) -o $@ $< $(NVCC_LDLIBS)
+
+build/cuda/%: dev/cuda/%.cu dev/cuda/common.h $(CUDA_DEPS)
+	@mkdir -p build/cuda
+	$(NVCC) $(NVCC_FLAGS) -o $@ $< $(NVCC_LDLIBS)
+
+# GPU parity with the CPU trainer, resume, checkpoints across trainers (ok/FAIL lines)
+test-cuda: cuda all data build/test/gpt2_cuda_ref
+	dev/cuda/run_tests
+
+# GPT-2 124M tokens/s and MFU next to PyTorch on the same GPU
+bench-cuda: cuda all data
+	dev/cuda/bench_gpt2
+
+# everything GPU-side, one report in $(OUT) (when set) or ./gpu-report
+check-gpu:
+	dev/cuda/check_gpu "$(if $(OUT),$(OUT),gpu-report)"
 # ---- CUDA (end) ----

@@ -619,10 +619,10 @@ static char *cfg_read_file(const char *path, char *err, size_t errlen) {
     FILE *f = fopen(path, "rb");
     if (!f) { cfg_err(err, errlen, path, NULL, NULL, "cannot read: %s", strerror(errno)); return NULL; }
     size_t len = 0, cap = 4096;
-    char *buf = malloc(cap);
+    char *buf = (char *)malloc(cap);
     for (size_t got; buf && (got = fread(buf + len, 1, cap - len - 1, f)) > 0;) {
         len += got;
-        if (cap - len < 2) { char *nb = realloc(buf, cap *= 2); if (!nb) { free(buf); buf = NULL; } else buf = nb; }
+        if (cap - len < 2) { char *nb = (char *)realloc(buf, cap *= 2); if (!nb) { free(buf); buf = NULL; } else buf = nb; }
     }
     int e = errno, failed = ferror(f);
     fclose(f);
@@ -691,7 +691,7 @@ static void cfgbuf_printf(CfgBuf *b, const char *fmt, ...) {
     if (!b->s || n < 0) return;
     if (b->len + n + 1 > b->cap) {
         while (b->len + n + 1 > b->cap) b->cap *= 2;
-        char *ns = realloc(b->s, b->cap);
+        char *ns = (char *)realloc(b->s, b->cap);
         if (!ns) { free(b->s); b->s = NULL; return; }
         b->s = ns;
     }
@@ -768,7 +768,7 @@ static void cfg_emit(CfgBuf *b, const Config *c, const char *prefix, int depth) 
 
 // The resolved config, every key, as pretty JSON (malloc'd; NULL only when out of memory).
 static char *config_to_json(const Config *c) {
-    CfgBuf b = {malloc(4096), 0, 4096};
+    CfgBuf b = {(char *)malloc(4096), 0, 4096};
     cfg_emit(&b, c, "", 0);
     cfgbuf_printf(&b, "\n");
     return b.s;

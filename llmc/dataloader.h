@@ -151,7 +151,7 @@ static int shard_write(const char *path, const uint16_t *tokens, size_t n, char 
         return -1;
     }
     size_t plen = strlen(path);
-    char *tmp = malloc(plen + 5);
+    char *tmp = (char *)malloc(plen + 5);
     memcpy(tmp, path, plen);
     memcpy(tmp + plen, ".tmp", 5);
     int32_t header[SHARD_HEADER_INTS] = {SHARD_MAGIC, SHARD_VERSION, (int32_t)n};
@@ -253,7 +253,7 @@ static void dl_shard_order(const DataLoader *dl, int epoch, int *order) {
 
 // the sorted index of the shard that holds epoch sample `sample` of epoch `epoch`
 static int dl_shard_at(const DataLoader *dl, int epoch, size_t sample) {
-    int *order = malloc(sizeof(int) * (size_t)dl->nshards);
+    int *order = (int *)malloc(sizeof(int) * (size_t)dl->nshards);
     dl_shard_order(dl, epoch, order);
     size_t base = 0;
     int k = 0;
@@ -337,8 +337,8 @@ static int dataloader_init(DataLoader *dl, const char *pattern, const char *form
     dl->B = B; dl->T = T; dl->vocab_size = vocab_size; dl->seed = seed;
     dl->shuffle = shuffle ? 1 : 0; dl->rank = rank; dl->world = world;
     dl->nshards = (int)g.gl_pathc;
-    dl->shards = calloc(g.gl_pathc, sizeof(Shard));
-    dl->nwin = calloc(g.gl_pathc, sizeof(size_t));
+    dl->shards = (Shard *)calloc(g.gl_pathc, sizeof(Shard));
+    dl->nwin = (size_t *)calloc(g.gl_pathc, sizeof(size_t));
     size_t max_win = 0;
     for (int i = 0; i < dl->nshards; i++) {
         Shard *s = &dl->shards[i];
@@ -363,10 +363,10 @@ static int dataloader_init(DataLoader *dl, const char *pattern, const char *form
                  pattern, dl->total_windows, T + 1, B, world);
         dataloader_free(dl); return -1;
     }
-    dl->shard_order = malloc(sizeof(int) * (size_t)dl->nshards);
-    if (dl->shuffle) dl->win_perm = malloc(sizeof(size_t) * max_win);
-    dl->inputs = malloc(sizeof(int) * (size_t)B * (size_t)T);
-    dl->targets = malloc(sizeof(int) * (size_t)B * (size_t)T);
+    dl->shard_order = (int *)malloc(sizeof(int) * (size_t)dl->nshards);
+    if (dl->shuffle) dl->win_perm = (size_t *)malloc(sizeof(size_t) * max_win);
+    dl->inputs = (int *)malloc(sizeof(int) * (size_t)B * (size_t)T);
+    dl->targets = (int *)malloc(sizeof(int) * (size_t)B * (size_t)T);
     dl->epoch = 0;
     dl->batch = 0;
     dl_begin_epoch(dl);
@@ -463,23 +463,27 @@ static int dataloader_seek(DataLoader *dl, const char *position, char *err, size
                  cJSON_IsString(seed) ? seed->valuestring : "missing or not a string", seedstr);
         goto done;
     }
-    // parameters that change what a batch index means
-    struct { const char *key; double got, want; } same[] = {
-        {"shuffle", shuffle, dl->shuffle}, {"B", B, dl->B}, {"T", T, dl->T}, {"world", world, dl->world},
-        {"windows", windows, (double)dl->total_windows}, {"shards", shards, dl->nshards}};
-    for (size_t i = 0; i < sizeof(same) / sizeof(same[0]); i++) {
-        if (same[i].got != same[i].want) {
-            snprintf(err, errlen, "dataloader position: \"%s\": %.17g, this loader has %.17g "
-                     "(the position belongs to other data or settings)", same[i].key, same[i].got, same[i].want);
-            goto done;
+    {   // parameters that change what a batch index means (a block: goto done must not enter its scope)
+        struct { const char *key; double got, want; } same[] = {
+            {"shuffle", shuffle, (double)dl->shuffle}, {"B", B, (double)dl->B}, {"T", T, (double)dl->T},
+            {"world", world, (double)dl->world}, {"windows", windows, (double)dl->total_windows},
+            {"shards", shards, (double)dl->nshards}};
+        for (size_t i = 0; i < sizeof(same) / sizeof(same[0]); i++) {
+            if (same[i].got != same[i].want) {
+                snprintf(err, errlen, "dataloader position: \"%s\": %.17g, this loader has %.17g "
+                         "(the position belongs to other data or settings)", same[i].key, same[i].got, same[i].want);
+                goto done;
+            }
         }
     }
     if (batch >= (double)dl->batches) {
         snprintf(err, errlen, "dataloader position: \"batch\": %.17g, an epoch has %zu batches", batch, dl->batches);
         goto done;
     }
-    size_t want_sample = (size_t)batch * (size_t)dl->B * (size_t)dl->world;
-    int want_shard = dl_shard_at(dl, (int)epoch, want_sample);
+    size_t want_sample;
+    int want_shard;
+    want_sample = (size_t)batch * (size_t)dl->B * (size_t)dl->world;
+    want_shard = dl_shard_at(dl, (int)epoch, want_sample);
     if (sample != (double)want_sample || shard != (double)want_shard) {
         snprintf(err, errlen, "dataloader position: \"sample\" %.17g / \"shard\" %.17g disagree with epoch %.17g "
                  "batch %.17g, which start at sample %zu in shard %d", sample, shard, epoch, batch,

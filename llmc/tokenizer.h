@@ -206,13 +206,13 @@ static int tokenizer_load(Tokenizer *tok, const char *ranks_path, char *err, siz
     tok->bytes = (unsigned char *)calloc(n + sizeof(TOK_EOT_TEXT) + 8, 1);
     tok->offsets = (uint32_t *)malloc((tok->vocab_size + 1) * sizeof(uint32_t));
     tok->table = (TokSlot *)calloc((size_t)1 << tok->table_bits, sizeof(TokSlot));
+    uint32_t mask = (1u << tok->table_bits) - 1, pos = 0;
+    size_t p = 0;
+    int line = 0;
     if (!tok->bytes || !tok->offsets || !tok->table) {
         snprintf(err, errlen, "%s: out of memory", ranks_path);
         goto fail;
     }
-    uint32_t mask = (1u << tok->table_bits) - 1, pos = 0;
-    size_t p = 0;
-    int line = 0;
     while (p < n) {
         line++;
         size_t eol = p;

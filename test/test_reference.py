@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Tests of the PyTorch reference (dev/reference/) on its own, independent of the C code:
   - the committed fixtures are what make_fixtures.py writes today, and hold what the contract lists;
-  - the reference's gradients equal central finite differences in float64;
+  - the reference's gradients equal central finite differences in float64 (dense, structured, MoE models);
+  - under mup every core, router and vector gets its learning rate (against torch.optim.AdamW param groups);
   - its forward equals a position-by-position recomputation built from torch.nn.functional, it is causal,
     and its LayerNorm / GELU / cross-entropy equal torch's;
   - AdamW equals torch.optim.AdamW, clipping and the schedule follow their formulas;
@@ -86,6 +87,71 @@ def test_fixture_contents():
     check(cfg == mf.CONFIG, "fixture: __metadata__ config is the config used", f"{meta.get('config')}")
 
 
+def test_structured_fixture_contents():
+    """Each gpt2_<tag>.safetensors holds the dense fixture's layout for its config: every parameter of
+    param_shapes (and no other), its grad. and final., the batch, logits, losses; btt_moe its per-layer aux losses
+    and a total that is the cross-entropy plus aux_weight times their mean; mixed_mup capped cores on both sides
+    of the cap."""
+    for tag, config in mf.MODEL_TAGS.items():
+        t, meta = read_safetensors(os.path.join(FIXTURES, f"gpt2_{tag}.safetensors"))
+        cfg = gpt2.resolve_config(config)
+        expect = dict(gpt2.param_shapes(cfg))
+        names = list(expect)
+        expect.update({"grad." + k: expect[k] for k in names})
+        expect.update({"final." + k: expect[k] for k in names})
+        expect.update({"inputs": (4, 32), "targets": (4, 32), "logits": (4, 32, 500), "loss": (1,),
+                       "steps.loss": (10,)})
+        moe = gpt2.moe_layer_names(cfg)
+        if moe:
+            expect.update({"loss_ce": (1,), "loss_total": (1,), "steps.loss_total": (10,)})
+            expect.update({f"aux.{n}": (1,) for n in moe})
+        got = {k: tuple(v.shape) for k, v in t.items()}
+        check(got == expect, f"gpt2_{tag}: tensor names and shapes",
+              f"missing {sorted(set(expect) - set(got))[:6]}, extra {sorted(set(got) - set(expect))[:6]}, "
+              f"wrong shape {[k for k in expect if k in got and got[k] != expect[k]][:6]}")
+        check(json.loads(meta["config"]) == config and torch.equal(t["loss"], t["steps.loss"][:1]),
+              f"gpt2_{tag}: config metadata, loss = steps.loss[0]")
+        if moe:
+            aux = torch.cat([t[f"aux.{n}"] for n in moe]).double().mean().item()
+            total = t["loss_ce"].item() + cfg["model"]["moe"]["aux_weight"] * aux
+            # float32 sums of a ~6.3 loss: 1e-6 relative is ~10 ulp
+            check(len(moe) == 8 and torch.equal(t["loss"], t["loss_ce"]) and abs(total - t["loss_total"].item()) < 1e-6 * total
+                  and torch.equal(t["loss_total"], t["steps.loss_total"][:1]),
+                  f"gpt2_{tag}: loss_total = loss_ce + aux_weight * mean of the 8 layers' aux", f"{total} vs {t['loss_total']}")
+        if "rms_cap" in meta:
+            sides = json.loads(meta["rms_cap"])
+            ok = True
+            for name, side in sides.items():
+                st = gpt2.model_structure(cfg, name.split(".")[2])
+                ratio = mf.rms_ratio(t[name], st["mup_sigma"][1 if name.endswith("W1") else 0])
+                ok &= (ratio > 1) == (side == "above")
+            check(ok and set(sides.values()) == {"above", "below"} and len(sides) == 6,
+                  f"gpt2_{tag}: rms_cap cores above and below their cap, as the metadata says", str(sides))
+
+
+def test_layer_fixture_contents():
+    """linear_<tag>.safetensors: x, the layer's parameters, y, dy, dx, grad.<param> with the shapes of the
+    structure its metadata names; btt_moe its routing and aux loss; y equals the reference applied to x
+    (float32, same code: 1e-6)."""
+    for tag, case in mf.LAYER_CASES.items():
+        t, meta = read_safetensors(os.path.join(FIXTURES, f"linear_{tag}.safetensors"))
+        config = json.loads(meta["config"])
+        st = gpt2.resolve_linear(config["spec"], config["d_in"], config["d_out"], config["parametrization"])
+        shapes = gpt2.structure_shapes(st)
+        N = mf.LAYER_N
+        expect = {"x": (N, st["d_in"]), **shapes, "y": (N, st["d_out"]), "dy": (N, st["d_out"]),
+                  "dx": (N, st["d_in"]), **{"grad." + k: v for k, v in shapes.items()}}
+        if st["type"] == "btt_moe":
+            expect.update({"aux": (1,), "logits": (N, st["experts"]), "gates": (N, st["experts"]),
+                           "selected": (N, st["top_k"])})
+        got = {k: tuple(v.shape) for k, v in t.items()}
+        same_case = all(config[k] == case[k] for k in ("which", "n_embd", "parametrization", "spec"))
+        check(got == expect and same_case and json.loads(meta["structure"]) == json.loads(json.dumps(st)),
+              f"linear_{tag}: tensors {sorted(shapes)} and metadata", f"got {got}, expected {expect}")
+        y = gpt2.structure_apply(st, {k: t[k] for k in shapes}, t["x"])
+        check(rel_err(y, t["y"]) < 1e-6, f"linear_{tag}: y is the reference layer at x", f"{rel_err(y, t['y']):.2e}")
+
+
 def test_fixtures_regenerate():
     """make_fixtures.py today reproduces the committed fixtures, so neither the reference nor the fixtures can
     drift without this failing. Integers must be bitwise equal; floats within 1e-6 of each tensor's scale: it is
@@ -99,7 +165,8 @@ def test_fixtures_regenerate():
             if not os.path.exists(old_path):
                 check(False, f"regenerate: {fname}", "committed fixture missing")
                 continue
-            if fname.endswith(".bin"):
+            if fname.endswith(".bin") or fname.endswith(".json"):
+                # the table is formulas in double precision on integers: no summation order to differ
                 with open(new_path, "rb") as a, open(old_path, "rb") as b:
                     check(a.read() == b.read(), f"regenerate: {fname} byte-identical")
                 continue
@@ -115,7 +182,9 @@ def test_fixtures_regenerate():
                 elif rel_err(new[k], old[k]) > 1e-6:
                     bad.append(f"{k} (rel err {rel_err(new[k], old[k]):.2e})")
             check(not bad, f"regenerate: {fname} tensors match", ", ".join(bad[:8]))
-            check(new_meta.get("config") == old_meta.get("config"), f"regenerate: {fname} config metadata matches")
+            check(new_meta.keys() == old_meta.keys() and all(new_meta[k] == old_meta[k] for k in new_meta
+                                                              if k not in ("crc32", "min_route_margin")),
+                  f"regenerate: {fname} metadata matches")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,12 +196,11 @@ def fd_check(cfg, params, inputs, targets, label, per_tensor=4):
     |fd - ad| / max(|ad|, 1e-2) < 1e-6 is thus relative for gradients above 1e-2 and an absolute 1e-8 below,
     10x above the round-off while any error in the formulas (of the order of the gradient itself) fails it."""
     h, floor, tol = 1e-6, 1e-2, 1e-6
-    V = cfg["model"]["vocab_size"]
     _, grads = gpt2.loss_and_grads(params, cfg, inputs, targets)
     gen = torch.Generator().manual_seed(7)
 
     def loss_at():
-        return gpt2.cross_entropy(gpt2.forward(params, cfg, inputs), targets, V).item()
+        return gpt2.model_loss(params, cfg, inputs, targets)[0].item()
 
     worst, worst_at = 0.0, ""
     for name, p in params.items():
@@ -165,6 +233,13 @@ def test_gradients():
     inputs, targets = mf.fixture_batch(cfg, gen, 2, 16)
     check(params["h.1.qk_norm.k.b"].shape == (16,), "qk_norm parameters sized head_dim")
     fd_check(cfg, params, inputs, targets, "qk_norm + mup attention scale", per_tensor=2)
+    # every structure in a model, rms_cap both above and below the cap, and the MoE objective (routing is
+    # piecewise constant: the fixtures' margins (>1e-4 of the logits) are far beyond h = 1e-6)
+    for tag in ("monarch", "btt", "mixed_mup", "btt_moe"):
+        cfg = gpt2.resolve_config(mf.MODEL_TAGS[tag])
+        params, _ = mf.structured_params(cfg, torch.Generator().manual_seed(mf.MODEL_SEEDS[tag]), torch.float64)
+        inputs, targets = mf.fixture_batch(cfg, torch.Generator().manual_seed(9), 2, 16)
+        fd_check(cfg, params, inputs, targets, f"{tag} model", per_tensor=2)
 
 
 def loop_logits(params, cfg, ids):
@@ -282,6 +357,70 @@ def test_optimizer():
     pad = rel_err(ours["wte"][500:], params["wte"][500:] * math.prod(1 - gpt2.lr_at_step(cfg, s) * o["weight_decay"]
                                                                      for s in range(3)))
     check(pad < 1e-12, "AdamW: padded wte rows only decay", f"rel err {pad:.2e}")
+    test_mup_learning_rates()
+
+
+def test_mup_learning_rates():
+    """Under mup, 3 steps of train_steps equal torch.optim.AdamW with one param group per (lr multiplier,
+    decay) built here from DESIGN 3.7's text: cores lr * (base_width/n_embd) (d_in/fan_in)/ncores, routers
+    lr * base_width/n_embd, the rest lr; decay on W, W0, W1, G, wte, wpe only (float64: 1e-12). The multipliers
+    are written out for the mixed_mup model (base_width 128, n_embd 64: width ratio 2) so that a wrong formula in
+    init_and_lr shows; btt_moe under mup adds routers and gamma."""
+    expected = {  # projection: multipliers of W / W0, W1 (mixed_mup: d_in / fan_in / ncores * 2)
+        "attn_qkv": (2 * 64 / 16 / 2, 2 * 64 / 16 / 2),          # monarch b=4: fan-ins 16 and q=16
+        "attn_proj": (2 * 64 / 8 / 2, 2 * 64 / 8 / 2),            # btt 64 = 8*8: fan-ins m0=8, m1*r=8
+        "mlp_fc": (2 * 64 / 64 / 2, 2 * 64 / 16 / 2),             # lowrank r=16: fan-ins 64 and 16
+        "mlp_proj": (2 * 256 / 64,),                              # blockdiag b=4: fan-in 64
+    }
+    cfg = gpt2.resolve_config(mf.MODEL_TAGS["mixed_mup"])
+    mults = gpt2.lr_multipliers(cfg)
+    want = {f"h.{i}.{p}.{s}": v for i in range(2) for p, vs in expected.items()
+            for s, v in zip(("W",) if len(vs) == 1 else ("W0", "W1"), vs)}
+    check(mults == want, "mup lr multipliers of the mixed_mup model (monarch, btt, lowrank, blockdiag)",
+          f"{mults} vs {want}")
+
+    moe_cfg = json.loads(json.dumps(mf.MODEL_TAGS["btt_moe"]))
+    moe_cfg["model"].update({"parametrization": "mup", "base_width": 128})
+    for tag, config in (("mixed_mup", mf.MODEL_TAGS["mixed_mup"]), ("btt_moe under mup", moe_cfg)):
+        cfg = gpt2.resolve_config(config)
+        cfg["optim"]["grad_clip"] = 1e9
+        params, _ = mf.structured_params(cfg, torch.Generator().manual_seed(21), torch.float64)
+        inputs, targets = mf.fixture_batch(cfg, torch.Generator().manual_seed(22), 2, 16)
+        ours = {k: p.clone() for k, p in params.items()}
+        gpt2.train_steps(ours, (inputs, targets), cfg, 3)
+        m = cfg["model"]
+        width = m["base_width"] / m["n_embd"]
+        theirs = {k: p.clone().requires_grad_(True) for k, p in params.items()}
+        groups = {}
+        for name, p in theirs.items():
+            parts = name.split(".")
+            mult = 1.0
+            if len(parts) == 4 and parts[2] in gpt2.LINEARS and parts[3] in ("W", "W0", "W1", "G"):
+                st = gpt2.model_structure(cfg, parts[2])
+                if parts[3] == "G":
+                    mult = width
+                else:
+                    fan_in = st["fans"][1 if parts[3] == "W1" else 0][0]
+                    mult = width * st["d_in"] / fan_in / len(st["cores"])
+            decay = name in ("wte", "wpe") or parts[-1] in ("W", "W0", "W1", "G")
+            groups.setdefault((mult, decay), []).append(p)
+        o = cfg["optim"]
+        opt = torch.optim.AdamW([{"params": ps, "mult": mult, "weight_decay": o["weight_decay"] if decay else 0.0}
+                                 for (mult, decay), ps in groups.items()],
+                                lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"])
+        for step in range(3):
+            for group in opt.param_groups:
+                group["lr"] = gpt2.lr_at_step(cfg, step) * group["mult"]
+            opt.zero_grad()
+            gpt2.model_loss(theirs, cfg, inputs, targets)[0].backward()
+            opt.step()
+        # 1e-9, not the dense test's 1e-12: qk_norm.k.b's true gradient is 0 (a bias shared by all keys
+        # shifts a query's scores by a constant, which softmax ignores), so its computed gradient is rounding
+        # noise that Adam normalizes into lr-sized steps: a 1e-15 change of the parameters moves it by ~1e-11
+        # of its size (measured), and so does the order of operations here; a wrong multiplier is off by >1e-3.
+        worst = max(rel_err(ours[k], theirs[k].detach()) for k in ours)
+        check(worst < 1e-9, f"AdamW with mup lr multipliers equals torch param groups ({tag})",
+              f"rel err {worst:.2e}, {len(groups)} groups")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,26 +509,29 @@ def test_llmc_writer():
 
 
 def test_cli_logits():
-    """gpt2.py --logits on the committed fixture (it is a model file: parameters plus config) reproduces the
-    fixture's logits and loss (same code, same float32 arithmetic: 1e-6 as for regeneration)."""
-    fixture = os.path.join(FIXTURES, "gpt2_dense.safetensors")
-    t, _ = read_safetensors(fixture)
-    with tempfile.TemporaryDirectory() as tmp:
-        inp, out = os.path.join(tmp, "in.safetensors"), os.path.join(tmp, "out.safetensors")
-        write_safetensors(inp, {"inputs": t["inputs"], "targets": t["targets"]})
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "dev", "reference", "gpt2.py"),
-                            "--logits", fixture, inp, out], capture_output=True, text=True)
-        if r.returncode != 0:
-            check(False, "cli --logits reproduces the fixture's logits and loss", r.stderr.strip()[-300:])
-            return
-        got, _ = read_safetensors(out)
-        err = max(rel_err(got["logits"], t["logits"]), rel_err(got["loss"], t["loss"]))
-        check(err < 1e-6, "cli --logits reproduces the fixture's logits and loss", f"rel err {err:.2e}")
+    """gpt2.py --logits on committed fixtures (each is a model file: parameters plus config) reproduces their
+    logits and loss (the cross-entropy) (same code, same float32 arithmetic: 1e-6 as for regeneration)."""
+    for tag in ("dense", "mixed_mup", "btt_moe"):
+        fixture = os.path.join(FIXTURES, f"gpt2_{tag}.safetensors")
+        t, _ = read_safetensors(fixture)
+        name = f"cli --logits reproduces the {tag} fixture's logits and loss"
+        with tempfile.TemporaryDirectory() as tmp:
+            inp, out = os.path.join(tmp, "in.safetensors"), os.path.join(tmp, "out.safetensors")
+            write_safetensors(inp, {"inputs": t["inputs"], "targets": t["targets"]})
+            r = subprocess.run([sys.executable, os.path.join(ROOT, "dev", "reference", "gpt2.py"),
+                                "--logits", fixture, inp, out], capture_output=True, text=True)
+            if r.returncode != 0:
+                check(False, name, r.stderr.strip()[-300:])
+                continue
+            got, _ = read_safetensors(out)
+            err = max(rel_err(got["logits"], t["logits"]), rel_err(got["loss"], t["loss"]))
+            check(err < 1e-6, name, f"rel err {err:.2e}")
 
 
 def main():
     torch.set_num_threads(1)
-    for test in (test_fixture_contents, test_fixtures_regenerate, test_gradients, test_forward,
+    for test in (test_fixture_contents, test_structured_fixture_contents, test_layer_fixture_contents,
+                 test_fixtures_regenerate, test_gradients, test_forward,
                  test_optimizer, test_safetensors_io, test_llmc_writer, test_cli_logits):
         try:
             test()

@@ -105,3 +105,35 @@ expect $? "a config error exits non-zero with file: key: message" "rc $rc: $out"
 out=$(./train_gpt2 --bogus 2>&1); rc=$?
 [ $rc -ne 0 ] && echo "$out" | grep -q -- "--bogus"
 expect $? "an unknown flag is refused naming it" "rc $rc: $out"
+
+# 6. structured layers: every type in one model under mup (qk_norm, attn_scale mup, rms_cap);
+#    the start-up summary is printed and logged, and 4 + resume + 4 steps are bit-identical to 8.
+SCFG=$W/structured.json
+cat > "$SCFG" <<JSON
+{"model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "qk_norm": true, "attn_scale": "mup",
+           "parametrization": "mup", "base_width": 32,
+           "linear": {"attn_qkv": {"type": "monarch", "blocks": 4}, "attn_proj": {"type": "btt"},
+                      "mlp_fc": {"type": "lowrank", "rank": 8}, "mlp_proj": {"type": "blockdiag", "blocks": 2, "weight_norm": "rms_cap"}}},
+ "train": {"micro_batch": 4, "seq_len": 32, "batch_tokens": 256, "max_steps": 8, "seed": 7},
+ "eval": {"every": 4, "batches": 2}, "sample": {"every": 0, "tokens": 8},
+ "checkpoint": {"every": 4, "keep": 3}, "run": {"dir": "$W/srun"}}
+JSON
+SRUN=$W/srun
+./train_gpt2 "$SCFG" > "$W/s_straight.out" 2>&1
+expect $? "structured model (monarch, btt, lowrank, blockdiag+rms_cap, mup, qk_norm) trains" "$(tail -3 "$W/s_straight.out")"
+grep -q "monarch b=4" "$W/s_straight.out" && grep -q "rms_cap" "$W/s_straight.out" && grep -q '^totals' "$W/s_straight.out" \
+    && grep -q '"type": "model"' "$SRUN/log.jsonl"
+expect $? "start-up summary: structures, rms_cap, totals printed; model record logged" "$(head -12 "$W/s_straight.out")"
+mv "$SRUN" "$W/s_straight"
+./train_gpt2 "$SCFG" --set train.max_steps=8 > /dev/null 2>&1
+rm -rf "$SRUN/ckpt_00000008"
+./train_gpt2 --resume "$SRUN" > "$W/s_resume.out" 2>&1
+same_ckpt "$W/s_straight/ckpt_00000008" "$SRUN/ckpt_00000008"
+expect $? "structured: 4 + resume + 4 steps bit-identical to 8 straight" "$(tail -3 "$W/s_resume.out")"
+missing=""
+for t in attn_proj.W0 attn_proj.W1 attn_proj.gamma0 attn_proj.gamma1 attn_qkv.W0 mlp_fc.W1 mlp_proj.W mlp_proj.gamma0 qk_norm.k.w; do
+    grep -q "\"h.1.$t\"" "$SRUN/ckpt_00000008/model.safetensors" || missing="$missing h.1.$t"
+done
+grep -q '"m.h.1.mlp_proj.gamma0"' "$SRUN/ckpt_00000008/state.safetensors" || missing="$missing m.h.1.mlp_proj.gamma0"
+[ -z "$missing" ]
+expect $? "checkpoints carry every core, gamma and qk_norm tensor under its DESIGN name" "missing:$missing"

@@ -1,0 +1,94 @@
+// The CPU side of the GPU parity test (test/test_gpt2_cuda.cu): runs the CPU trainer on the
+// dense fixture's config, weights and batch and writes what it computes, in the fixture's own
+// layout, so the CUDA test compares against the CPU trainer itself:
+//   every parameter by name (the starting weights), inputs, targets (B,T) I32, logits (B,T,V),
+//   loss (1,), grad.<name> (one backward with loss scale 1), steps.loss (10,) and final.<name>
+//   (10 AdamW steps on that batch), accum.grad.<name> (the gradient accumulated over two
+//   micro-batches, the batch and the batch with inputs and targets rotated by one row, each with
+//   loss scale 1/2); metadata "config" = the fixture's config.
+// Not a test itself (not named test_*): `make test-cuda` builds and runs it before the CUDA test.
+// Usage: gpt2_cuda_ref [FIXTURE [OUT]]
+#include "train_gpt2.c"
+
+static const void *need(const SafeTensors *st, const char *name, const char *dtype) {
+    const char *dt;
+    const void *p = safetensors_find(st, name, &dt, NULL, NULL);
+    if (!p || strcmp(dt, dtype)) { fprintf(stderr, "error: fixture tensor %s (%s) missing\n", name, dtype); exit(1); }
+    return p;
+}
+
+int main(int argc, char **argv) {
+    const char *fixture = argc > 1 ? argv[1] : "test/fixtures/gpt2_dense.safetensors";
+    const char *out = argc > 2 ? argv[2] : "build/test/gpt2_cuda_ref.safetensors";
+    char err[ERRLEN];
+    SafeTensors fx;
+    if (safetensors_read(&fx, fixture, err, sizeof err)) fail(err);
+    const char *config = safetensors_meta(&fx, "config");
+    Config cfg;
+    if (!config || config_from_json_string(&cfg, config, fixture, NULL, 0, err, sizeof err)) fail(config ? err : "no config");
+    int B = cfg.train.micro_batch, T = cfg.train.seq_len, N = B * T;
+    const int *inputs = need(&fx, "inputs", "I32"), *targets = need(&fx, "targets", "I32");
+    GPT2 m;
+    gpt2_build(&m, &cfg, B, T);
+    if (load_tensors(&m, &fx, fixture, "", m.params, err)) fail(err);
+    size_t P = m.num_params;
+    float *initial = xmalloc(P * sizeof(float)), *grads = xmalloc(P * sizeof(float));
+    float *accum = xmalloc(P * sizeof(float)), *logits = xmalloc((size_t)N * m.V * sizeof(float));
+    memcpy(initial, m.params, P * sizeof(float));
+
+    gpt2_forward(&m, inputs, NULL, B, T);
+    for (int n = 0; n < N; n++) memcpy(logits + (size_t)n * m.V, m.acts.logits + (size_t)n * m.Vp, m.V * sizeof(float));
+    gpt2_forward(&m, inputs, targets, B, T);
+    float loss = m.mean_loss;
+    gpt2_zero_grad(&m);
+    gpt2_backward(&m, 1.0f);
+    memcpy(grads, m.grads, P * sizeof(float));
+
+    // two micro-batches: the batch, then its rows rotated by one
+    int *in2 = xmalloc((size_t)N * sizeof(int)), *tg2 = xmalloc((size_t)N * sizeof(int));
+    for (int b = 0; b < B; b++) {
+        memcpy(in2 + (size_t)b * T, inputs + (size_t)((b + 1) % B) * T, T * sizeof(int));
+        memcpy(tg2 + (size_t)b * T, targets + (size_t)((b + 1) % B) * T, T * sizeof(int));
+    }
+    gpt2_zero_grad(&m);
+    gpt2_forward(&m, inputs, targets, B, T);
+    gpt2_backward(&m, 0.5f);
+    gpt2_forward(&m, in2, tg2, B, T);
+    gpt2_backward(&m, 0.5f);
+    memcpy(accum, m.grads, P * sizeof(float));
+
+    float losses[10];
+    for (int step = 0; step < 10; step++) {
+        gpt2_zero_grad(&m);
+        gpt2_forward(&m, inputs, targets, B, T);
+        losses[step] = m.mean_loss;
+        gpt2_backward(&m, 1.0f);
+        float lr;
+        gpt2_optimizer_step(&m, step, &lr);
+    }
+
+    int nt = m.ntensors, n = 0;
+    StTensor *ts = xmalloc((size_t)(4 * nt + 5) * sizeof(StTensor));
+    char (*names)[96] = xmalloc((size_t)(4 * nt) * sizeof *names);
+    const char *prefix[4] = {"", "grad.", "final.", "accum.grad."};
+    float *base[4] = {initial, grads, m.params, accum};
+    for (int k = 0; k < 4; k++) {
+        for (int i = 0; i < nt; i++) {
+            ParamTensor *t = &m.tensors[i];
+            snprintf(names[k * nt + i], sizeof names[0], "%s%s", prefix[k], t->name);
+            StTensor s = {names[k * nt + i], "F32", base[k] + t->offset, t->ndim, {t->shape[0], t->shape[1]}};
+            ts[n++] = s;
+        }
+    }
+    StTensor extra[5] = {{"inputs", "I32", inputs, 2, {B, T}}, {"targets", "I32", targets, 2, {B, T}},
+                         {"logits", "F32", logits, 3, {B, T, m.V}}, {"loss", "F32", &loss, 1, {1}},
+                         {"steps.loss", "F32", losses, 1, {10}}};
+    for (int i = 0; i < 5; i++) ts[n++] = extra[i];
+    const char *keys[] = {"config"}, *vals[] = {config};
+    ckpt_mkdirs("build/test");
+    if (safetensors_write(out, ts, n, keys, vals, 1, err, sizeof err)) fail(err);
+    printf("wrote %s: CPU loss %.6f, 10-step loss %.6f -> %.6f\n", out, loss, losses[0], losses[9]);
+    gpt2_free(&m);
+    safetensors_free(&fx);
+    return 0;
+}
