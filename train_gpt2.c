@@ -26,6 +26,7 @@ Every weight is stored (blocks, out, in), like llm.c's dense (d_out, d_in), and 
 #include "llmc/config.h"
 #include "llmc/structure.h"
 #include "llmc/blockdiag.h"
+#include "llmc/moe.h"
 #include "llmc/schedule.h"
 #include "llmc/logger.h"
 #include "llmc/checkpoint.h"
@@ -410,13 +411,17 @@ typedef struct {
 #define INIT_ONES -1.0f
 
 // One linear layer: y (N, d_out) = S(x) + b, S the structure s (llmc/structure.h) with its cores
-// W0 (named W for one-core types) and W1, under rms_cap each core scaled by its gamma.
+// W0 (named W for one-core types) and W1, under rms_cap each core scaled by its gamma. btt_moe adds
+// the router G and runs on llmc/moe.h instead of blockdiag.h's driver.
 typedef struct {
     Structure s;
     int d_in, d_out;
-    int core[2], gamma[2], b; // tensor indices; gamma[c] = -1 without rms_cap, core[1] = -1 for one core
+    int core[2], gamma[2], G, b; // tensor indices; -1: absent (gamma without rms_cap, core[1] for one
+                                 // core, G but for btt_moe)
     size_t saved;            // offset (floats) of this layer's saved intermediate in acts.lin_saved
     size_t weff[2];          // rms_cap: offsets of the effective cores in m->weff
+    size_t load;             // btt_moe: offset of its expert load (E) in m->moe_load
+    float aux;               // btt_moe: its auxiliary loss in the last forward
 } Linear;
 
 typedef struct {
@@ -462,6 +467,10 @@ typedef struct {
     float *act_memory;
     float *weff;                      // rms_cap's effective cores, recomputed by every forward
     float attn_scale;                 // 1/sqrt(hs), or 8/hs under attn_scale "mup"
+    int n_moe;                        // btt_moe layers (over all blocks)
+    float *moe_load;                  // their expert loads in the last forward: fraction of routed slots (E each)
+    float aux_loss;                   // mean over btt_moe layers of their aux loss in the last forward (0: none)
+    float moe_daux;                   // backward: d(objective)/d(each layer's aux) = loss_scale * aux_weight / n_moe
     int Bmax, Tmax;
     int B, T;                         // shape of the last forward
     const int *inputs, *targets;      // of the last forward (caller-owned)
@@ -503,11 +512,12 @@ static int find_tensor(const GPT2 *m, const char *name) {
 }
 
 // The tensors of one linear layer (DESIGN section 5 names): W (dense (d_out, d_in), blockdiag
-// (b, d_out/b, d_in/b)) or W0 and W1 (the cores (nb, q, p)), then gamma0/gamma1 (rms_cap), then b.
+// (b, d_out/b, d_in/b)) or W0 and W1 (the cores (nb, q, p)), G (btt_moe's router (E, d_in)),
+// gamma0/gamma1 (rms_cap), then b.
 static Linear add_linear(GPT2 *m, const Structure *s, int layer) {
     char name[64];
     const char *proj = linear_names[s->which];
-    Linear lin = {.s = *s, .d_in = s->d_in, .d_out = s->d_out, .core = {-1, -1}, .gamma = {-1, -1}};
+    Linear lin = {.s = *s, .d_in = s->d_in, .d_out = s->d_out, .core = {-1, -1}, .gamma = {-1, -1}, .G = -1};
     for (int c = 0; c < s->ncores; c++) {
         const CoreShape *k = &s->core[c];
         if (s->type == STRUCT_DENSE) {
@@ -518,6 +528,11 @@ static Linear add_linear(GPT2 *m, const Structure *s, int layer) {
             lin.core[c] = add_tensor(m, name, 3, k->nb, k->q, k->p, 1, (float)s->init_std[c]);
         }
         m->tensors[lin.core[c]].lr_mult = (float)s->lr_mult[c];
+    }
+    if (s->type == STRUCT_BTT_MOE) {   // the router: zero-initialized (DESIGN 3.6), the layer's lr
+        snprintf(name, sizeof name, "h.%d.%s.G", layer, proj);
+        lin.G = add_tensor(m, name, 2, s->experts, s->d_in, 0, 1, 0.0f);
+        m->tensors[lin.G].lr_mult = (float)s->router_lr_mult;
     }
     for (int c = 0; s->rms_cap && c < s->ncores; c++) {
         snprintf(name, sizeof name, "h.%d.%s.gamma%d", layer, proj, c);
@@ -548,7 +563,7 @@ static void gpt2_build(GPT2 *m, const Config *cfg, int Bmax, int Tmax) {
     m->wte = add_tensor(m, "wte", 2, Vp, C, 0, 1, 0.02f);
     m->wpe = add_tensor(m, "wpe", 2, m->maxT, C, 0, 1, 0.02f);
     m->layers = xcalloc((size_t)L * sizeof(LayerParams));
-    size_t BT = (size_t)Bmax * Tmax, saved = 0, scratch = 0, weff = 0, dweff = 0;
+    size_t BT = (size_t)Bmax * Tmax, saved = 0, scratch = 0, weff = 0, dweff = 0, load = 0;
     for (int l = 0; l < L; l++) {
         LayerParams *lp = &m->layers[l];
         char name[64];
@@ -568,9 +583,11 @@ static void gpt2_build(GPT2 *m, const Config *cfg, int Bmax, int Tmax) {
             }
             Linear *lin = &lp->lin[k];
             *lin = add_linear(m, &st[k], l);
+            int moe = st[k].type == STRUCT_BTT_MOE;
             lin->saved = saved;
-            saved += structured_saved_floats(&st[k], (int)BT);
-            size_t need = structured_scratch_floats(&st[k], (int)BT), cores = 0;
+            saved += moe ? moe_saved_floats(&st[k], (int)BT) : structured_saved_floats(&st[k], (int)BT);
+            size_t need = moe ? moe_scratch_floats(&st[k], (int)BT) : structured_scratch_floats(&st[k], (int)BT), cores = 0;
+            if (moe) { lin->load = load; load += st[k].experts; m->n_moe++; }
             if (need > scratch) scratch = need;
             for (int c = 0; c < st[k].ncores; c++) {
                 size_t n = m->tensors[lin->core[c]].size;
@@ -588,6 +605,7 @@ static void gpt2_build(GPT2 *m, const Config *cfg, int Bmax, int Tmax) {
     m->m = xcalloc(bytes);
     m->v = xcalloc(bytes);
     m->weff = xcalloc(weff * sizeof(float));
+    m->moe_load = xcalloc(load * sizeof(float));
 
     // activations: the table order is the layout order of the one allocation
     m->Bmax = Bmax;
@@ -618,7 +636,7 @@ static void gpt2_build(GPT2 *m, const Config *cfg, int Bmax, int Tmax) {
 }
 
 static void gpt2_free(GPT2 *m) {
-    free(m->params); free(m->grads); free(m->m); free(m->v); free(m->weff);
+    free(m->params); free(m->grads); free(m->m); free(m->v); free(m->weff); free(m->moe_load);
     free(m->act_memory); free(m->layers);
 }
 
@@ -655,10 +673,16 @@ static const float *linear_core(GPT2 *m, const Linear *lin, int c, int recompute
     return weff;
 }
 
-// out (N, d_out) = S(inp (N, d_in)) + b
-static void linear_forward(GPT2 *m, const Linear *lin, float *out, const float *inp, int N) {
-    structured_forward(&lin->s, out, inp, linear_core(m, lin, 0, 1), linear_core(m, lin, 1, 1),
-                       m->acts.lin_saved + lin->saved, m->acts.lin_scratch, N);
+// out (N, d_out) = S(inp (N, d_in)) + b; btt_moe also sets lin->aux and its expert load.
+static void linear_forward(GPT2 *m, Linear *lin, float *out, const float *inp, int N) {
+    const float *W0 = linear_core(m, lin, 0, 1), *W1 = linear_core(m, lin, 1, 1);
+    float *saved = m->acts.lin_saved + lin->saved;
+    if (lin->G >= 0) {
+        lin->aux = moe_forward(&lin->s, out, inp, W0, W1, P(m, lin->G), m->cfg.model.moe_z_weight, saved,
+                               m->acts.lin_scratch, N, m->moe_load + lin->load);
+    } else {
+        structured_forward(&lin->s, out, inp, W0, W1, saved, m->acts.lin_scratch, N);
+    }
     const float *b = P(m, lin->b);
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
@@ -666,7 +690,8 @@ static void linear_forward(GPT2 *m, const Linear *lin, float *out, const float *
         for (int o = 0; o < lin->d_out; o++) y[o] += b[o];
     }
 }
-// dinp (N, d_in) = S'(dout) (overwritten); the cores' (and gammas') and the bias's gradients += ...
+// dinp (N, d_in) = S'(dout) (overwritten); the cores' (gammas', router's) and the bias's gradients += ...
+// btt_moe's router also receives the aux loss's gradient, scaled by m->moe_daux.
 // Under rms_cap the driver's weight gradient goes to dweff, then through the cap to W and gamma.
 static void linear_backward(GPT2 *m, const Linear *lin, float *dinp, const float *dout, const float *inp, int N) {
     const Structure *s = &lin->s;
@@ -678,8 +703,13 @@ static void linear_backward(GPT2 *m, const Linear *lin, float *dinp, const float
         memset(dweff, 0, n * sizeof(float));
         dweff += n;
     }
-    structured_backward(s, dinp, dW[0], dW[1], dout, inp, linear_core(m, lin, 0, 0), linear_core(m, lin, 1, 0),
-                        m->acts.lin_saved + lin->saved, m->acts.lin_scratch, N);
+    const float *W0 = linear_core(m, lin, 0, 0), *W1 = linear_core(m, lin, 1, 0), *saved = m->acts.lin_saved + lin->saved;
+    if (lin->G >= 0) {
+        moe_backward(s, dinp, dW[0], dW[1], G(m, lin->G), dout, m->moe_daux, m->cfg.model.moe_z_weight, inp, W0, W1,
+                     P(m, lin->G), saved, m->acts.lin_scratch, N);
+    } else {
+        structured_backward(s, dinp, dW[0], dW[1], dout, inp, W0, W1, saved, m->acts.lin_scratch, N);
+    }
     for (int c = 0; c < s->ncores; c++) {
         if (lin->gamma[c] < 0) continue;
         int k = lin->core[c];
@@ -714,7 +744,8 @@ static const float *layer_input(GPT2 *m, int l) {
 }
 
 // inputs, targets (B,T); targets may be NULL (then acts.logits holds the logits (B,T,Vp)).
-// With targets: acts.losses (B,T), m->mean_loss, and acts.logits holds the probabilities.
+// With targets: acts.losses (B,T), m->mean_loss (the cross-entropy), and acts.logits holds the
+// probabilities. m->aux_loss: the mean aux loss of the btt_moe layers (DESIGN 3.6).
 static void gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, int T) {
     if (B > m->Bmax || T > m->Tmax || T > m->maxT) {
         fprintf(stderr, "error: forward (B=%d, T=%d) exceeds the allocation (%d, %d)\n", B, T, m->Bmax, m->Tmax);
@@ -745,6 +776,10 @@ static void gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, 
         linear_forward(m, &lp->lin[LIN_MLP_PROJ], la.res3, la.fch_gelu, N);
         residual_forward(la.res3, la.res2, la.res3, (size_t)N * C);
     }
+    double aux = 0.0;
+    for (int l = 0; l < m->L; l++)
+        for (int k = 0; k < NUM_LINEAR; k++) if (m->layers[l].lin[k].G >= 0) aux += m->layers[l].lin[k].aux;
+    m->aux_loss = m->n_moe ? (float)(aux / m->n_moe) : 0.0f;
     layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, layer_input(m, m->L), P(m, m->lnfw), P(m, m->lnfb), N, C);
     matmul_forward(a->logits, a->lnf, P(m, m->wte), NULL, N, C, m->Vp);   // tied LM head
     if (!targets) { m->mean_loss = -1.0f; return; }
@@ -756,12 +791,13 @@ static void gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, 
 
 static void gpt2_zero_grad(GPT2 *m) { memset(m->grads, 0, m->num_params * sizeof(float)); }
 
-// Accumulates into m->grads the gradient of (loss_scale * mean loss) of the last forward with targets.
-// Gradient accumulation over k micro-batches passes loss_scale = 1/k.
+// Accumulates into m->grads the gradient of loss_scale * (mean loss + aux_weight * aux_loss) of the
+// last forward with targets. Gradient accumulation over k micro-batches passes loss_scale = 1/k.
 static void gpt2_backward(GPT2 *m, float loss_scale) {
     if (m->mean_loss < 0.0f) { fprintf(stderr, "error: backward needs a forward with targets\n"); exit(1); }
     int B = m->B, T = m->T, C = m->C, N = B * T;
     Activations *a = &m->acts;
+    m->moe_daux = m->n_moe ? loss_scale * m->cfg.model.moe_aux_weight / m->n_moe : 0.0f;
     softmax_crossentropy_backward(a->logits, m->targets, N, m->Vp, loss_scale / N);
     matmul_backward(a->dln, G(m, m->wte), NULL, a->logits, a->lnf, P(m, m->wte), N, C, m->Vp);
     memset(a->dres, 0, (size_t)N * C * sizeof(float));
@@ -1033,18 +1069,21 @@ static int gpt2_resume(GPT2 *m, Config *cfg, const CliArgs *args, TrainState *st
 // ----------------------------------------------------------------------------------------------
 // Evaluation and sampling
 
-// Mean loss over up to max_batches batches of an in-order loader (all of it when max_batches <= 0).
-static double gpt2_evaluate(GPT2 *m, DataLoader *dl, int max_batches, long long *tokens, char *err) {
+// Mean cross-entropy over up to max_batches batches of an in-order loader (all of it when
+// max_batches <= 0); *aux gets the mean aux loss of the btt_moe layers (0 without them).
+static double gpt2_evaluate(GPT2 *m, DataLoader *dl, int max_batches, long long *tokens, double *aux, char *err) {
     dataloader_reset(dl);
     size_t nb = dataloader_num_batches(dl);
     if (max_batches > 0 && (size_t)max_batches < nb) nb = (size_t)max_batches;
-    double sum = 0.0;
+    double sum = 0.0, aux_sum = 0.0;
     for (size_t i = 0; i < nb; i++) {
         if (dataloader_next(dl, err, ERRLEN)) return -1.0;
         gpt2_forward(m, dl->inputs, dl->targets, m->Bmax, m->Tmax);
         sum += m->mean_loss;
+        aux_sum += m->aux_loss;
     }
     *tokens = (long long)nb * m->Bmax * m->Tmax;
+    *aux = nb ? aux_sum / nb : 0.0;
     return nb ? sum / nb : 0.0;
 }
 
@@ -1128,6 +1167,44 @@ static char *print_summary(const GPT2 *m, int step) {
     return rec;
 }
 
+// aux[j] += w * (the j-th btt_moe layer's aux loss in the last forward), layers in model order
+static void moe_layer_aux(const GPT2 *m, float *aux, float w) {
+    int j = 0;
+    for (int l = 0; l < m->L; l++)
+        for (int k = 0; k < NUM_LINEAR; k++) if (m->layers[l].lin[k].G >= 0) aux[j++] += w * m->layers[l].lin[k].aux;
+}
+
+// Appends to a train log record ", \"moe\": [...]": per btt_moe layer its aux loss and expert load
+// (the fraction of routed slots per expert; both averaged over the step's micro-batches; loads as
+// laid out in m->moe_load, aux in layer order) and max/mean of the load (1 is perfectly balanced, E
+// is everything on one expert). Returns the largest max/mean, for the console.
+static float moe_load_record(const GPT2 *m, const float *loads, const float *aux, char *buf, size_t cap) {
+    size_t len = 0;
+    int j = 0;
+    float worst = 0.0f;
+    len += snprintf(buf + len, cap - len, ", \"moe\": [");
+    int first = 1;
+    for (int l = 0; l < m->L; l++) {
+        for (int k = 0; k < NUM_LINEAR; k++) {
+            const Linear *lin = &m->layers[l].lin[k];
+            if (lin->G < 0 || len >= cap) continue;
+            int E = lin->s.experts;
+            const float *load = loads + lin->load;
+            float mx = 0.0f;
+            for (int e = 0; e < E; e++) if (load[e] > mx) mx = load[e];
+            float ratio = mx * E;   // max / mean, the mean being 1/E
+            if (ratio > worst) worst = ratio;
+            len += snprintf(buf + len, cap - len, "%s{\"layer\": \"h.%d.%s\", \"aux_loss\": %.6f, \"load\": [",
+                            first ? "" : ", ", l, linear_names[k], aux[j++]);
+            for (int e = 0; e < E && len < cap; e++) len += snprintf(buf + len, cap - len, "%s%.4f", e ? ", " : "", load[e]);
+            if (len < cap) len += snprintf(buf + len, cap - len, "], \"max_over_mean\": %.4f}", ratio);
+            first = 0;
+        }
+    }
+    if (len < cap) snprintf(buf + len, cap - len, "]");
+    return worst;
+}
+
 #ifndef TESTING
 int main(int argc, char **argv) {
     char err[ERRLEN];
@@ -1168,9 +1245,10 @@ int main(int argc, char **argv) {
         if (dataloader_init(&dl, args.eval_shard, cfg.data.format, B, T, cfg.model.vocab_size, 0, 0, 0, 1,
                             err, sizeof err)) fail(err);
         long long tokens;
-        double loss = gpt2_evaluate(&model, &dl, 0, &tokens, err);
+        double aux, loss = gpt2_evaluate(&model, &dl, 0, &tokens, &aux, err);
         if (loss < 0) fail(err);
         printf("eval %s: loss %.6f over %lld tokens\n", args.eval_shard, loss, tokens);
+        if (model.n_moe) printf("eval %s: mean aux loss of the %d btt_moe layers %.6f\n", args.eval_shard, model.n_moe, aux);
         dataloader_free(&dl);
         gpt2_free(&model);
         free(summary);
@@ -1221,16 +1299,22 @@ int main(int argc, char **argv) {
     double flops_per_token = gpt2_flops_per_token(&model, T);
     printf("batch: %d x %d tokens x %d accumulation = %ld tokens per step; %d steps; run dir %s\n",
            B, T, accum, cfg.train.batch_tokens, cfg.train.max_steps, run_dir);
-    char line[2048];
+    static char line[65536];
+    size_t n_load = 0;
+    for (int l = 0; l < model.L; l++)
+        for (int k = 0; k < NUM_LINEAR; k++) if (model.layers[l].lin[k].G >= 0) n_load += model.layers[l].lin[k].s.experts;
+    float *step_load = xcalloc(n_load * sizeof(float));   // the step's expert loads, averaged over micro-batches
+    float *step_aux = xcalloc(model.n_moe * sizeof(float)); // and each btt_moe layer's aux loss
     for (int step = st.step; step <= cfg.train.max_steps; step++) {
         int last = step == cfg.train.max_steps;
         if (have_val && ((cfg.eval.every > 0 && step % cfg.eval.every == 0) || last)) {
             long long ntok;
-            double vl = gpt2_evaluate(&model, &val, cfg.eval.batches, &ntok, err);
+            double vaux, vl = gpt2_evaluate(&model, &val, cfg.eval.batches, &ntok, &vaux, err);
             if (vl < 0) fail(err);
-            printf("step %d: val loss %.4f (%lld tokens)\n", step, vl, ntok);
-            snprintf(line, sizeof line, "{\"type\": \"val\", \"step\": %d, \"val_loss\": %.6f, \"tokens\": %lld}",
-                     step, vl, st.tokens);
+            if (model.n_moe) printf("step %d: val loss %.4f, aux loss %.4f (%lld tokens)\n", step, vl, vaux, ntok);
+            else printf("step %d: val loss %.4f (%lld tokens)\n", step, vl, ntok);
+            snprintf(line, sizeof line, "{\"type\": \"val\", \"step\": %d, \"val_loss\": %.6f, \"val_aux_loss\": %.6f, "
+                     "\"tokens\": %lld}", step, vl, vaux, st.tokens);
             logger_write(&log, line);
         }
         if (have_tok && cfg.sample.tokens > 0 &&
@@ -1245,24 +1329,36 @@ int main(int argc, char **argv) {
 
         double t0 = now_ms();
         gpt2_zero_grad(&model);
-        double loss = 0.0;
+        double loss = 0.0, aux = 0.0;
         for (int micro = 0; micro < accum; micro++) {
             if (dataloader_next(&train, err, sizeof err)) fail(err);
             gpt2_forward(&model, train.inputs, train.targets, B, T);
             gpt2_backward(&model, 1.0f / accum);
             loss += model.mean_loss / accum;
+            aux += model.aux_loss / accum;
+            for (size_t i = 0; i < n_load; i++) step_load[i] += model.moe_load[i] / accum;
+            moe_layer_aux(&model, step_aux, 1.0f / accum);
         }
         float lr, norm = gpt2_optimizer_step(&model, step, &lr);
         double ms = now_ms() - t0;
         st.step = step + 1;
         st.tokens += cfg.train.batch_tokens;
         double tps = cfg.train.batch_tokens / (ms / 1e3);
-        printf("step %5d/%d | loss %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s\n",
-               st.step, cfg.train.max_steps, loss, lr, norm, ms, tps);
+        char moe[64] = "";
+        int len = snprintf(line, sizeof line, "{\"type\": \"train\", \"step\": %d, \"loss\": %.6f, \"aux_loss\": %.6f, "
+                           "\"lr\": %.6g, \"grad_norm\": %.6f, \"tokens\": %lld, \"ms\": %.3f, \"tok_per_s\": %.1f, "
+                           "\"flops_per_token\": %.6g, \"mfu\": null", st.step, loss, aux, lr, norm, st.tokens, ms, tps,
+                           flops_per_token);
+        if (model.n_moe) {
+            float worst = moe_load_record(&model, step_load, step_aux, line + len, sizeof line - len);
+            snprintf(moe, sizeof moe, " | aux %.4f | load max/mean %.2f", aux, worst);
+            memset(step_load, 0, n_load * sizeof(float));
+            memset(step_aux, 0, model.n_moe * sizeof(float));
+        }
+        strncat(line, "}", sizeof line - strlen(line) - 1);
+        printf("step %5d/%d | loss %.4f%s | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s\n",
+               st.step, cfg.train.max_steps, loss, moe, lr, norm, ms, tps);
         fflush(stdout);
-        snprintf(line, sizeof line, "{\"type\": \"train\", \"step\": %d, \"loss\": %.6f, \"aux_loss\": 0, \"lr\": %.6g, "
-                 "\"grad_norm\": %.6f, \"tokens\": %lld, \"ms\": %.3f, \"tok_per_s\": %.1f, \"flops_per_token\": %.6g, "
-                 "\"mfu\": null}", st.step, loss, lr, norm, st.tokens, ms, tps, flops_per_token);
         logger_write(&log, line);
 
         int periodic = cfg.checkpoint.every > 0 && st.step % cfg.checkpoint.every == 0;
@@ -1278,6 +1374,8 @@ int main(int argc, char **argv) {
         }
     }
     logger_close(&log);
+    free(step_load);
+    free(step_aux);
     dataloader_free(&train);
     if (have_val) dataloader_free(&val);
     if (have_tok) tokenizer_free(&tok);

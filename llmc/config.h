@@ -552,21 +552,6 @@ static int cfg_check_shape(const CfgLoad *L, int p) {
                     linear_names[p], d_in, d_out, valid);
 }
 
-// btt_moe is validated above but its routing (llmc/moe.h) is not in the trainers yet. This is the
-// one place to delete when it lands.
-static int config_check_implemented(const CfgLoad *L) {
-    for (int p = 0; p < NUM_LINEAR; p++) {
-        const char *type = L->c->model.linear[p].type;
-        if (strcmp(type, "btt_moe")) continue;
-        int s = L->own[p] ? p : CFG_DEFAULT_SPEC;
-        char path[128], vt[32];
-        snprintf(path, sizeof path, "model.linear.%s.type", cfg_spec_path(s));
-        snprintf(vt, sizeof vt, "\"%s\"", type);
-        return cfg_fail(L, L->spec_src[s], path, vt, "not implemented yet in this version");
-    }
-    return 0;
-}
-
 static int cfg_finish(CfgLoad *L, int world_size) {
     Config *c = L->c;
     for (int p = 0; p < NUM_LINEAR; p++) c->model.linear[p] = L->spec[L->own[p] ? p : CFG_DEFAULT_SPEC];
@@ -600,7 +585,7 @@ static int cfg_finish(CfgLoad *L, int world_size) {
     if (cfg_check_spec(L, CFG_DEFAULT_SPEC)) return -1;
     for (int p = 0; p < NUM_LINEAR; p++) if (L->own[p] && cfg_check_spec(L, p)) return -1;
     for (int p = 0; p < NUM_LINEAR; p++) if (cfg_check_shape(L, p)) return -1;
-    return config_check_implemented(L);
+    return 0;
 }
 
 static void cfg_load_init(CfgLoad *L, Config *c, const char *file, char *err, size_t errlen) {

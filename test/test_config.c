@@ -93,7 +93,8 @@ static void test_defaults(void) {
     check_config_equal("config_load with no file gives the defaults", &d, &c);
 }
 
-// DESIGN section 4's example with every projection dense (the structures are not implemented yet).
+// DESIGN section 4's example with every projection dense (equal to the defaults); the example with its
+// structures is checked separately (test_design_structures).
 static const char *design_example =
     "{\n"
     "  \"model\": {\n"
@@ -133,6 +134,20 @@ static const char *all_changed =
     " \"data\": {\"train\": \"d/train_*.bin\", \"val\": \"d/\\\"val\\\".bin\", \"format\": \"nanogpt\"},\n"
     " \"eval\": {\"every\": 0, \"batches\": 3}, \"sample\": {\"every\": 7, \"tokens\": 9},\n"
     " \"checkpoint\": {\"every\": 11, \"keep\": 5}, \"run\": {\"dir\": \"runs/x y\"}}\n";
+
+// DESIGN section 4's example as written: a different structure in every projection.
+static void test_design_structures(void) {
+    const char *json =
+        "{\"model\": {\"linear\": {\"default\": {\"type\": \"dense\"},\n"
+        "  \"attn_qkv\": {\"type\": \"monarch\", \"blocks\": 4}, \"attn_proj\": {\"type\": \"btt\", \"rank\": 2},\n"
+        "  \"mlp_fc\": {\"type\": \"btt_moe\", \"experts\": 8, \"top_k\": 2}, \"mlp_proj\": {\"type\": \"lowrank\", \"rank\": 128}}}}";
+    Config c = load_ok("DESIGN section 4's example with its structures loads", json, NULL, 0);
+    const LinearSpec *l = c.model.linear;
+    check(!strcmp(l[LIN_ATTN_QKV].type, "monarch") && l[LIN_ATTN_QKV].blocks == 4 && !strcmp(l[LIN_ATTN_PROJ].type, "btt") &&
+          l[LIN_ATTN_PROJ].rank == 2 && !strcmp(l[LIN_MLP_FC].type, "btt_moe") && l[LIN_MLP_FC].experts == 8 &&
+          l[LIN_MLP_FC].top_k == 2 && !strcmp(l[LIN_MLP_PROJ].type, "lowrank") && l[LIN_MLP_PROJ].rank == 128,
+          "DESIGN's example: each projection gets its own structure and keys", "specs differ");
+}
 
 static void test_valid_files(void) {
     Config c = load_ok("DESIGN section 4's example (dense) loads", design_example, NULL, 0), d;
@@ -249,8 +264,6 @@ static void test_errors(void) {
          "FILE: model.linear.mlp_proj.in_blocks: 5: must divide d_in of mlp_proj (3072 -> 768); valid: 1 2 3 4 6 8 12 16 24 32 48 64 96 128 192 256 384 512 768 1024 1536 3072"},
         {"lowrank: rank <= min(d_in, d_out)", "{\"model\": {\"linear\": {\"mlp_fc\": {\"type\": \"lowrank\", \"rank\": 800}}}}",
          "FILE: model.linear.mlp_fc.rank: 800: must be in [1, 768] for mlp_fc (768 -> 3072)"},
-        {"btt_moe: not implemented yet", "{\"model\": {\"linear\": {\"mlp_fc\": {\"type\": \"btt_moe\", \"experts\": 4}}}}",
-         "FILE: model.linear.mlp_fc.type: \"btt_moe\": not implemented yet in this version"},
     };
     for (size_t i = 0; i < sizeof ranges / sizeof ranges[0]; i++) check_error(ranges[i].name, ranges[i].json, NULL, 1, ranges[i].msg);
 
@@ -454,6 +467,7 @@ int main(void) {
     if (!mkdtemp(tmpdir)) { perror("mkdtemp"); return 1; }
     test_defaults();
     test_valid_files();
+    test_design_structures();
     test_errors();
     test_set();
     test_round_trip();
