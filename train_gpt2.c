@@ -1137,7 +1137,13 @@ static char *print_summary(const GPT2 *m, int step) {
            m->L, m->NH, m->C, m->maxT, m->V, m->Vp, m->cfg.model.qk_norm ? ", qk_norm" : "",
            strcmp(m->cfg.model.attn_scale, "mup") ? "" : ", attn_scale mup",
            strcmp(m->cfg.model.parametrization, "mup") ? "" : ", parametrization mup");
-    printf("%-9s %-12s %-44s %11s %11s %11s %7s\n", "layer", "shape", "structure (cores (blocks, out, in))",
+    int w = 36;   // the structure column fits the longest description
+    for (int k = 0; k < NUM_LINEAR; k++) {
+        char desc[256];
+        int n = (int)strlen(structure_describe(&m->layers[0].lin[k].s, desc, sizeof desc));
+        if (n > w) w = n;
+    }
+    printf("%-9s %-12s %-*s %11s %11s %11s %7s\n", "layer", "shape", w, "structure (cores (blocks, out, in))",
            "params", "MACs/token", "dense", "ratio");
     size_t cap = 4096, len = 0;
     char *rec = xmalloc(cap);
@@ -1150,8 +1156,8 @@ static char *print_summary(const GPT2 *m, int step) {
         snprintf(shape, sizeof shape, "%d -> %d", lin->d_in, lin->d_out);
         structure_describe(s, desc, sizeof desc);
         long long params = s->params + lin->d_out + (s->rms_cap ? s->ncores : 0);   // + bias, gamma
-        printf("%-9s %-12s %-44s %11lld %11.0f %11.0f %6.3fx%s\n", linear_names[k], shape, desc, params, s->macs,
-               s->dense_macs, s->macs / s->dense_macs, s->rms_cap ? " rms_cap" : "");
+        printf("%-9s %-12s %-*s %11lld %11.0f %11.0f %6.3fx\n", linear_names[k], shape, w, desc, params, s->macs,
+               s->dense_macs, s->macs / s->dense_macs);
         len += snprintf(rec + len, cap - len, "%s{\"name\": \"%s\", \"d_in\": %d, \"d_out\": %d, \"structure\": \"%s\", "
                         "\"params\": %lld, \"macs\": %.0f, \"dense_macs\": %.0f}", k ? ", " : "", linear_names[k],
                         lin->d_in, lin->d_out, desc, params, s->macs, s->dense_macs);

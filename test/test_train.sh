@@ -95,6 +95,16 @@ out=$(./train_gpt2 --resume "$RUN" 2>&1); rc=$?
 [ $rc -ne 0 ] && echo "$out" | grep -q "h.1.mlp_fc.W" && echo "$out" | grep -qi "crc"
 expect $? "a flipped byte is refused naming the tensor" "rc $rc: $out"
 
+# 4b. dense -> monarch by dev/tools/project, then a fine-tune from the projected weights starts and trains
+P=$W/projected; mkdir -p "$P"
+out=$(dev/tools/project "$W/straight/ckpt_00000020" "$P/monarch.safetensors" --to monarch --config-out "$P/monarch.json" 2>&1); rc=$?
+expect $rc "dev/tools/project turns the trained dense checkpoint into monarch" "$out"
+./train_gpt2 "$P/monarch.json" --init-from "$P/monarch.safetensors" --set run.dir="$P/ft" --set train.max_steps=3 \
+    --set eval.every=3 --set sample.every=0 > "$W/ft.out" 2>&1; rc=$?
+[ $rc -eq 0 ] && grep -q "weights from $P/monarch.safetensors" "$W/ft.out" && grep -q "monarch b=4" "$W/ft.out" \
+    && [ -d "$P/ft/ckpt_00000003" ]
+expect $? "a fine-tune from the projected monarch checkpoint starts, trains 3 steps and checkpoints" "rc $rc: $(tail -3 "$W/ft.out")"
+
 # 5. command line
 ./train_gpt2 --help > "$W/help.out" 2>&1; rc=$?
 for flag in --set --resume --init-from --eval --help; do grep -q -- "$flag" "$W/help.out" || rc=1; done
