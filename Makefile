@@ -67,12 +67,15 @@ bench-moe: deps all
 # Building needs nvcc and the CUDA libraries only; test-cuda, bench-cuda and check-gpu need a GPU.
 # No --use_fast_math: the GPU must follow the CPU trainer's expf/tanhf/sqrtf to stay within the
 # parity tolerances of test/test_gpt2_cuda.cu.
+# The kernel programs link the CPU references (llmc/blockdiag.h, llmc/moe.h are C: build/cuda/cpu_ref.o).
+# build/cuda/emu_check runs the structured-layer kernels on a CPU emulation (g++, no GPU; test/test_cuda_build.sh).
 NVCC        ?= nvcc
 NVCC_FLAGS  ?= -O3
 NVCC_FLAGS  += -arch=sm_90 -std=c++17 -I. -Xcompiler -fopenmp
 NVCC_LDLIBS := -lcublasLt -lcublas -lnccl -lcjson -lpcre2-8 -lm
 CUDA_DEPS   := $(wildcard llmc/*.cuh) $(HEADERS)
 CUDA_DEV    := $(patsubst dev/cuda/%.cu,build/cuda/%,$(wildcard dev/cuda/*.cu))
+CUDA_INC    := $(abspath $(dir $(shell command -v $(NVCC) 2>/dev/null))/../include)
 
 .PHONY: cuda test-cuda bench-cuda check-gpu
 cuda: train_gpt2cu build/cuda/test_gpt2_cuda $(CUDA_DEV)
@@ -84,15 +87,24 @@ build/cuda/test_gpt2_cuda: test/test_gpt2_cuda.cu train_gpt2.cu test/test.h $(CU
 	@mkdir -p build/cuda
 	$(NVCC) $(NVCC_FLAGS) -o $@ $< $(NVCC_LDLIBS)
 
-build/cuda/%: dev/cuda/%.cu dev/cuda/common.h $(CUDA_DEPS)
+build/cuda/cpu_ref.o: dev/cuda/cpu_ref.c dev/cuda/cpu_ref.h $(HEADERS)
 	@mkdir -p build/cuda
-	$(NVCC) $(NVCC_FLAGS) -o $@ $< $(NVCC_LDLIBS)
+	$(CC) $(CFLAGS) -c -o $@ $<
 
-# GPU parity with the CPU trainer, resume, checkpoints across trainers (ok/FAIL lines)
+build/cuda/%: dev/cuda/%.cu dev/cuda/common.h dev/cuda/cpu_ref.h build/cuda/cpu_ref.o $(CUDA_DEPS)
+	@mkdir -p build/cuda
+	$(NVCC) $(NVCC_FLAGS) -o $@ $< build/cuda/cpu_ref.o $(NVCC_LDLIBS) -lopenblas
+
+build/cuda/emu_check: dev/cuda/emu_check.cpp dev/cuda/emu.h dev/cuda/cpu_ref.h build/cuda/cpu_ref.o $(CUDA_DEPS)
+	@mkdir -p build/cuda
+	$(CXX) -std=c++20 -O1 -I. -I$(CUDA_INC) -fopenmp -Wno-unknown-pragmas -o $@ $< build/cuda/cpu_ref.o \
+		-lopenblas -lcjson -lpcre2-8 -lm -lpthread
+
+# GPU parity with the CPU trainer for every structure, resume, checkpoints across trainers (ok/FAIL lines)
 test-cuda: cuda all data build/test/gpt2_cuda_ref
 	dev/cuda/run_tests
 
-# GPT-2 124M tokens/s and MFU next to PyTorch on the same GPU
+# GPT-2 124M tokens/s and MFU per structure next to our dense model and PyTorch on the same GPU
 bench-cuda: cuda all data
 	dev/cuda/bench_gpt2
 

@@ -18,11 +18,13 @@ bf16 parameters are rounded to nearest from the fp32 master weights. So a run re
 kind and world size continues bit-for-bit (NCCL's reductions are deterministic for a fixed world
 size and topology).
 
-Only dense linear layers exist in this version; structured ones (DESIGN section 3) come next and are
-refused by gpt2_check_supported until then.
+Every linear layer is one of the structures of DESIGN section 3, resolved by llmc/structure.h exactly
+as the CPU trainer resolves it (same tensors, shapes, init, lr multipliers): dense runs on cuBLASLt,
+blockdiag / lowrank / monarch / btt on the block-diagonal kernels of llmc/blockdiag.cuh, btt_moe on
+llmc/moe.cuh; rms_cap, qk_norm, attn_scale "mup" and the mup lr multipliers as in train_gpt2.c.
 
 Shapes: B batch, T time, C channels, NH heads, hs = C/NH, V vocab, Vp padded vocab, L layers,
-N = B*T tokens. Every linear layer stores W as (d_out, d_in) and computes y = x W^T + b.
+N = B*T tokens. Every weight is stored (blocks, out, in) like llm.c's dense (d_out, d_in): y = x W^T + b.
 */
 #include <errno.h>
 #include <math.h>
@@ -35,6 +37,7 @@ N = B*T tokens. Every linear layer stores W as (d_out, d_in) and computes y = x 
 #include <time.h>
 
 #include "llmc/config.h"
+#include "llmc/structure.h"
 #include "llmc/schedule.h"
 #include "llmc/logger.h"
 #include "llmc/checkpoint.h"
@@ -50,6 +53,8 @@ N = B*T tokens. Every linear layer stores W as (d_out, d_in) and computes y = x 
 #include "llmc/attention.cuh"
 #include "llmc/classifier.cuh"
 #include "llmc/adamw.cuh"
+#include "llmc/blockdiag.cuh"
+#include "llmc/moe.cuh"
 
 #define ERRLEN 1024
 #define H100_BF16_PEAK 989e12   // dense bf16 tensor-core FLOP/s of an H100 SXM (and H200)
@@ -76,16 +81,28 @@ typedef struct {
     size_t offset, size;   // in elements, into params / grads and the host fp32 arrays
     int ndim;
     long long shape[4];
-    int decay;             // AdamW weight decay: matrices and embeddings yes; biases, LayerNorm no
+    int decay;             // AdamW weight decay: matrices, cores, routers and embeddings; not biases, LayerNorm, gamma
+    float lr_mult;         // AdamW lr = schedule lr * lr_mult (mup's per-core multipliers, else 1)
+    float init_std;        // N(0, init_std^2); 0: zeros; INIT_ONES: ones (LayerNorm weights, gamma)
 } ParamTensor;
+#define INIT_ONES -1.0f
 
+// One linear layer: y (N, d_out) = S(x) + b, S the structure s (llmc/structure.h) with its cores W0
+// (named W for one-core types) and W1, under rms_cap each core scaled by its gamma; btt_moe adds the router G.
 typedef struct {
+    Structure s;
     int d_in, d_out;
-    int W, b;              // tensor indices
+    int core[2], gamma[2], G, b; // tensor indices; -1: absent (gamma without rms_cap, core[1] for one core,
+                                 // G but for btt_moe)
+    size_t saved;                // byte offset of this layer's saved state in acts.lin_saved
+    size_t weff[2];              // rms_cap: offsets of the effective cores in m->weff
+    int stat[2];                 // rms_cap: each core's RMS in m->rms_stats (kept from forward for backward)
+    size_t load;                 // btt_moe: offset of its aux loss and expert loads (1 + E) in m->h_moe
 } Linear;
 
 typedef struct {
     int ln1w, ln1b, ln2w, ln2b;
+    int qkw, qkb, kkw, kkb;  // qk_norm's q and k LayerNorm weight and bias (-1 without qk_norm)
     Linear lin[NUM_LINEAR];  // attn_qkv, attn_proj, mlp_fc, mlp_proj
 } LayerParams;
 
@@ -94,6 +111,7 @@ typedef struct {
     bf16 *encoded;                    // (B,T,C)
     bf16 *ln1; float *ln1_mean, *ln1_rstd;  // (L,B,T,C), (L,B,T) x2
     bf16 *qkv;                        // (L,B,T,3C)
+    bf16 *qkvn; float *qk_mean, *qk_rstd;   // qk_norm only: (L,B,T,3C) attention's input, (L,B,T,2,NH) x2
     bf16 *att;                        // (L,B,NH,T,T) softmax rows
     bf16 *atty;                       // (L,B,T,C) attention output, input of attn_proj
     bf16 *res2;                       // (L,B,T,C) residual stream after attention
@@ -105,11 +123,15 @@ typedef struct {
     float *losses;                    // (B,T)
     bf16 *branch;                     // (B,T,C) attn_proj / mlp_proj output before the residual add
     bf16 *dres, *dln, *datty;         // (B,T,C) backward scratch, reused by every layer
-    bf16 *dqkv;                       // (B,T,3C)
+    bf16 *dqkv, *dqkvn;               // (B,T,3C); dqkvn with qk_norm only
     bf16 *dfch;                       // (B,T,4C)
     float *colsum;                    // bias / LayerNorm gradient partial sums (colsum_chunks(N), 4C)
     float *norm;                      // NORM_BLOCKS partial sums, then the result
     int *tokens;                      // inputs (N), targets (N), encoder buckets (3N + 2)
+    char *lin_saved;                  // every structured layer's saved state (Linear.saved)
+    char *lin_scratch;                // the structured layers' temporaries (the largest need)
+    bf16 *dweff;                      // rms_cap: dL/dW_eff of one layer's cores
+    float *rms_partial;               // rms_cap's partial sums (RMS_BLOCKS)
     AttentionScratch attn;
 } Activations;
 
@@ -133,59 +155,94 @@ typedef struct {
     int have_targets, buckets_U;      // of the last forward
     int *h_tokens, *h_counts;         // pinned host staging for tokens; counting-sort scratch (Vp)
     float *h_losses;                  // (Bmax*Tmax) pinned
-    float mean_loss;                  // of the last forward with targets, else -1
+    float mean_loss;                  // of the last forward with targets (the cross-entropy), else -1
+    bf16 *weff;                       // rms_cap's effective cores, recomputed by every forward
+    float *rms_stats;                 // rms_cap: RMS of every capped core in the last forward (device)
+    float attn_scale;                 // 1/sqrt(hs), or 8/hs under attn_scale "mup"
+    int n_moe;                        // btt_moe layers (over all blocks)
+    float *h_moe;                     // pinned: per btt_moe layer its aux loss and expert loads (1 + E) of the last forward
+    float aux_loss;                   // mean over btt_moe layers of their aux loss in the last forward (0: none)
+    float moe_daux;                   // backward: d(objective)/d(each layer's aux) = loss_scale * aux_weight / n_moe
 } GPT2;
 
 static bf16 *PB(GPT2 *m, int t) { return m->params + m->tensors[t].offset; }
 static bf16 *GB(GPT2 *m, int t) { return m->grads + m->tensors[t].offset; }
 
-static int add_tensor(GPT2 *m, const char *name, int ndim, long long d0, long long d1, int decay) {
+// Adds a tensor of shape (d0[, d1[, d2]]) (ndim 1 to 3) and returns its index. Offsets are rounded up
+// to 8 elements (16 bytes).
+static int add_tensor(GPT2 *m, const char *name, int ndim, long long d0, long long d1, long long d2, int decay,
+                      float init_std) {
     if (m->ntensors == MAX_TENSORS) { fprintf(stderr, "error: more than %d tensors\n", MAX_TENSORS); exit(1); }
     ParamTensor *t = &m->tensors[m->ntensors];
     snprintf(t->name, sizeof t->name, "%s", name);
     t->ndim = ndim;
-    t->shape[0] = d0;
-    t->shape[1] = d1;
-    t->size = (size_t)d0 * (ndim > 1 ? (size_t)d1 : 1);
+    long long d[3] = {d0, d1, d2};
+    t->size = 1;
+    for (int i = 0; i < ndim; i++) { t->shape[i] = d[i]; t->size *= (size_t)d[i]; }
     t->offset = m->num_params;
     t->decay = decay;
+    t->lr_mult = 1.0f;
+    t->init_std = init_std;
     m->num_params += (t->size + 7) / 8 * 8;
     return m->ntensors++;
 }
 
-static Linear add_linear(GPT2 *m, int layer, int which, int d_in, int d_out) {
+// "(a, b, c)" of a tensor's shape
+static const char *shape_str(char *buf, size_t len, int ndim, const long long *shape) {
+    int n = snprintf(buf, len, "(");
+    for (int d = 0; d < ndim; d++) n += snprintf(buf + n, len - n, "%s%lld", d ? ", " : "", shape[d]);
+    snprintf(buf + n, len - n, ")");
+    return buf;
+}
+
+// The tensors of one linear layer, as the CPU trainer's add_linear (DESIGN section 5 names): W (dense
+// (d_out, d_in), blockdiag (b, d_out/b, d_in/b)) or W0 and W1 (the cores (nb, q, p)), G (btt_moe's router
+// (E, d_in)), gamma0/gamma1 (rms_cap), then b.
+static Linear add_linear(GPT2 *m, const Structure *s, int layer) {
     char name[64];
+    const char *proj = linear_names[s->which];
     Linear lin;
-    lin.d_in = d_in;
-    lin.d_out = d_out;
-    snprintf(name, sizeof name, "h.%d.%s.W", layer, linear_names[which]);
-    lin.W = add_tensor(m, name, 2, d_out, d_in, 1);
-    snprintf(name, sizeof name, "h.%d.%s.b", layer, linear_names[which]);
-    lin.b = add_tensor(m, name, 1, d_out, 0, 0);
+    memset(&lin, 0, sizeof lin);
+    lin.s = *s;
+    lin.d_in = s->d_in;
+    lin.d_out = s->d_out;
+    lin.core[0] = lin.core[1] = lin.gamma[0] = lin.gamma[1] = lin.G = -1;
+    for (int c = 0; c < s->ncores; c++) {
+        const CoreShape *k = &s->core[c];
+        if (s->type == STRUCT_DENSE) {
+            snprintf(name, sizeof name, "h.%d.%s.W", layer, proj);
+            lin.core[c] = add_tensor(m, name, 2, k->q, k->p, 0, 1, (float)s->init_std[c]);
+        } else {
+            snprintf(name, sizeof name, s->ncores == 1 ? "h.%d.%s.W" : "h.%d.%s.W%d", layer, proj, c);
+            lin.core[c] = add_tensor(m, name, 3, k->nb, k->q, k->p, 1, (float)s->init_std[c]);
+        }
+        m->tensors[lin.core[c]].lr_mult = (float)s->lr_mult[c];
+    }
+    if (s->type == STRUCT_BTT_MOE) {   // the router: zero-initialized (DESIGN 3.6), the layer's lr
+        snprintf(name, sizeof name, "h.%d.%s.G", layer, proj);
+        lin.G = add_tensor(m, name, 2, s->experts, s->d_in, 0, 1, 0.0f);
+        m->tensors[lin.G].lr_mult = (float)s->router_lr_mult;
+    }
+    for (int c = 0; s->rms_cap && c < s->ncores; c++) {
+        snprintf(name, sizeof name, "h.%d.%s.gamma%d", layer, proj, c);
+        lin.gamma[c] = add_tensor(m, name, 1, 1, 0, 0, 0, INIT_ONES);
+    }
+    snprintf(name, sizeof name, "h.%d.%s.b", layer, proj);
+    lin.b = add_tensor(m, name, 1, s->d_out, 0, 0, 0, 0.0f);
     return lin;
 }
 
-// What this version of the GPU trainer runs; everything else is refused before any work, naming
-// the key. (The CPU trainer's config.h refuses non-dense types too, for now; this check stays
-// when that one goes, until the structured kernels land here.)
+// What the GPU trainer cannot run (beyond what config.h refuses for both trainers), refused before any
+// work, naming the key.
 static int gpt2_check_supported(const Config *c, int world, char *err) {
     for (int p = 0; p < NUM_LINEAR; p++) {
-        if (strcmp(c->model.linear[p].type, "dense")) {
-            snprintf(err, ERRLEN, "model.linear.%s.type: \"%s\": not implemented in the CUDA trainer yet (only \"dense\"; "
-                     "use the CPU trainer train_gpt2 for structured layers)", linear_names[p], c->model.linear[p].type);
+        Structure s;
+        if (structure_resolve(&s, c, p, err, ERRLEN)) return -1;
+        if (s.type == STRUCT_BTT_MOE && s.experts > MOE_MAX_EXPERTS) {
+            snprintf(err, ERRLEN, "model.linear.%s.experts: %d: the CUDA trainer supports at most %d", linear_names[p],
+                     s.experts, MOE_MAX_EXPERTS);
             return -1;
         }
-    }
-    if (c->model.qk_norm) { snprintf(err, ERRLEN, "model.qk_norm: true: not implemented in the CUDA trainer yet"); return -1; }
-    if (strcmp(c->model.attn_scale, "standard")) {
-        snprintf(err, ERRLEN, "model.attn_scale: \"%s\": not implemented in the CUDA trainer yet (only \"standard\")",
-                 c->model.attn_scale);
-        return -1;
-    }
-    if (strcmp(c->model.parametrization, "standard")) {
-        snprintf(err, ERRLEN, "model.parametrization: \"%s\": not implemented in the CUDA trainer yet (only \"standard\")",
-                 c->model.parametrization);
-        return -1;
     }
     // bf16 rows of n_embd and padded_vocab_size elements must start 16-byte aligned for cuBLASLt
     if (c->model.n_embd % 8) {
@@ -206,8 +263,9 @@ static int gpt2_check_supported(const Config *c, int world, char *err) {
     return 0;
 }
 
-// Lays out every parameter and allocates parameters, gradients, this rank's optimizer shard and
-// the activations for micro-batches up to (Bmax, Tmax). Weights are left zero: load them next.
+// Lays out every parameter (the CPU trainer's table, in its order) and allocates parameters, gradients,
+// this rank's optimizer shard and the activations for micro-batches up to (Bmax, Tmax). Weights are
+// left zero: load them next.
 static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tmax) {
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;
@@ -217,21 +275,57 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
     m->V = cfg->model.vocab_size;
     int Vp = m->Vp = cfg->model.padded_vocab_size;
     m->maxT = cfg->model.block_size;
-    m->wte = add_tensor(m, "wte", 2, Vp, C, 1);
-    m->wpe = add_tensor(m, "wpe", 2, m->maxT, C, 1);
+    int NH = m->NH, hs = C / NH, qk = cfg->model.qk_norm;
+    m->attn_scale = strcmp(cfg->model.attn_scale, "mup") == 0 ? 8.0f / hs : 1.0f / sqrtf((float)hs);
+    Structure st[NUM_LINEAR];
+    char err[ERRLEN];
+    for (int k = 0; k < NUM_LINEAR; k++) {
+        if (structure_resolve(&st[k], cfg, k, err, sizeof err)) { fprintf(stderr, "error: %s\n", err); exit(1); }
+    }
+    m->wte = add_tensor(m, "wte", 2, Vp, C, 0, 1, 0.02f);
+    m->wpe = add_tensor(m, "wpe", 2, m->maxT, C, 0, 1, 0.02f);
     m->layers = (LayerParams *)xcalloc((size_t)L * sizeof(LayerParams));
-    const int d_in[NUM_LINEAR] = {C, C, C, 4 * C}, d_out[NUM_LINEAR] = {3 * C, C, 4 * C, C};
+    size_t BT = (size_t)Bmax * Tmax, saved = 0, scratch = 0, weff = 0, dweff = 0, moe_floats = 0;
+    int nstats = 0;
     for (int l = 0; l < L; l++) {
         LayerParams *lp = &m->layers[l];
         char name[64];
-        snprintf(name, sizeof name, "h.%d.ln1.w", l); lp->ln1w = add_tensor(m, name, 1, C, 0, 0);
-        snprintf(name, sizeof name, "h.%d.ln1.b", l); lp->ln1b = add_tensor(m, name, 1, C, 0, 0);
-        snprintf(name, sizeof name, "h.%d.ln2.w", l); lp->ln2w = add_tensor(m, name, 1, C, 0, 0);
-        snprintf(name, sizeof name, "h.%d.ln2.b", l); lp->ln2b = add_tensor(m, name, 1, C, 0, 0);
-        for (int k = 0; k < NUM_LINEAR; k++) lp->lin[k] = add_linear(m, l, k, d_in[k], d_out[k]);
+        snprintf(name, sizeof name, "h.%d.ln1.w", l); lp->ln1w = add_tensor(m, name, 1, C, 0, 0, 0, INIT_ONES);
+        snprintf(name, sizeof name, "h.%d.ln1.b", l); lp->ln1b = add_tensor(m, name, 1, C, 0, 0, 0, 0.0f);
+        lp->qkw = lp->qkb = lp->kkw = lp->kkb = -1;
+        if (qk) {
+            snprintf(name, sizeof name, "h.%d.qk_norm.q.w", l); lp->qkw = add_tensor(m, name, 1, hs, 0, 0, 0, INIT_ONES);
+            snprintf(name, sizeof name, "h.%d.qk_norm.q.b", l); lp->qkb = add_tensor(m, name, 1, hs, 0, 0, 0, 0.0f);
+            snprintf(name, sizeof name, "h.%d.qk_norm.k.w", l); lp->kkw = add_tensor(m, name, 1, hs, 0, 0, 0, INIT_ONES);
+            snprintf(name, sizeof name, "h.%d.qk_norm.k.b", l); lp->kkb = add_tensor(m, name, 1, hs, 0, 0, 0, 0.0f);
+        }
+        for (int k = 0; k < NUM_LINEAR; k++) {
+            if (k == LIN_MLP_FC) {   // checkpoint order: the attention half, ln2, the MLP half
+                snprintf(name, sizeof name, "h.%d.ln2.w", l); lp->ln2w = add_tensor(m, name, 1, C, 0, 0, 0, INIT_ONES);
+                snprintf(name, sizeof name, "h.%d.ln2.b", l); lp->ln2b = add_tensor(m, name, 1, C, 0, 0, 0, 0.0f);
+            }
+            Linear *lin = &lp->lin[k];
+            *lin = add_linear(m, &st[k], l);
+            int moe = st[k].type == STRUCT_BTT_MOE;
+            lin->saved = saved;
+            saved += moe_align(moe ? moe_gpu_saved_bytes(&st[k], (int)BT) : structured_gpu_saved(&st[k], (int)BT) * sizeof(bf16));
+            size_t need = moe ? moe_gpu_scratch_bytes(&st[k], (int)BT)
+                              : st[k].type == STRUCT_DENSE ? 0 : structured_gpu_scratch_bytes(&st[k], (int)BT);
+            if (need > scratch) scratch = need;
+            if (moe) { lin->load = moe_floats; moe_floats += 1 + st[k].experts; m->n_moe++; }
+            size_t cores = 0;
+            for (int c = 0; st[k].rms_cap && c < st[k].ncores; c++) {
+                size_t n = m->tensors[lin->core[c]].size;
+                lin->weff[c] = weff;
+                lin->stat[c] = nstats++;
+                weff += (n + 7) / 8 * 8;
+                cores += (n + 7) / 8 * 8;
+            }
+            if (cores > dweff) dweff = cores;
+        }
     }
-    m->lnfw = add_tensor(m, "lnf.w", 1, C, 0, 0);
-    m->lnfb = add_tensor(m, "lnf.b", 1, C, 0, 0);
+    m->lnfw = add_tensor(m, "lnf.w", 1, C, 0, 0, 0, INIT_ONES);
+    m->lnfb = add_tensor(m, "lnf.b", 1, C, 0, 0, 0, 0.0f);
     // ZeRO-1 shards: equal, 128-element aligned slices of the padded flat layout
     size_t unit = (size_t)128 * dist->world;
     m->num_params = (m->num_params + unit - 1) / unit * unit;
@@ -242,6 +336,8 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
     m->master = (float *)cuda_malloc_or_die(m->shard_size * sizeof(float), "master weights");
     m->m = (float *)cuda_malloc_or_die(m->shard_size * sizeof(float), "AdamW m");
     m->v = (float *)cuda_malloc_or_die(m->shard_size * sizeof(float), "AdamW v");
+    m->weff = (bf16 *)cuda_malloc_or_die(weff * sizeof(bf16), "rms_cap effective weights");
+    m->rms_stats = (float *)cuda_malloc_or_die(nstats * sizeof(float), "rms_cap statistics");
     cudaCheck(cudaMemset(m->params, 0, m->num_params * sizeof(bf16)));
     cudaCheck(cudaMemset(m->grads, 0, m->num_params * sizeof(bf16)));
     cudaCheck(cudaMemset(m->master, 0, m->shard_size * sizeof(float)));
@@ -253,12 +349,15 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
     // rounded up to 256 bytes so each buffer is aligned for cuBLAS and vector loads
     m->Bmax = Bmax;
     m->Tmax = Tmax;
-    size_t BT = (size_t)Bmax * Tmax, NH = m->NH, att = (size_t)Bmax * NH * Tmax * Tmax;
+    size_t att = (size_t)Bmax * NH * Tmax * Tmax, qkn = qk ? 1 : 0;
     Activations *a = &m->acts;
     struct { void **p; size_t bytes; } table[] = {
         {(void **)&a->encoded, BT * C * 2},
         {(void **)&a->ln1, L * BT * C * 2}, {(void **)&a->ln1_mean, L * BT * 4}, {(void **)&a->ln1_rstd, L * BT * 4},
-        {(void **)&a->qkv, L * BT * 3 * C * 2}, {(void **)&a->att, L * att * 2}, {(void **)&a->atty, L * BT * C * 2},
+        {(void **)&a->qkv, L * BT * 3 * C * 2},
+        {(void **)&a->qkvn, qkn * L * BT * 3 * C * 2}, {(void **)&a->qk_mean, qkn * L * BT * 2 * NH * 4},
+        {(void **)&a->qk_rstd, qkn * L * BT * 2 * NH * 4},
+        {(void **)&a->att, L * att * 2}, {(void **)&a->atty, L * BT * C * 2},
         {(void **)&a->res2, L * BT * C * 2},
         {(void **)&a->ln2, L * BT * C * 2}, {(void **)&a->ln2_mean, L * BT * 4}, {(void **)&a->ln2_rstd, L * BT * 4},
         {(void **)&a->fch, L * BT * 4 * C * 2}, {(void **)&a->fch_gelu, L * BT * 4 * C * 2},
@@ -267,10 +366,12 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
         {(void **)&a->logits, BT * Vp * 2}, {(void **)&a->losses, BT * 4},
         {(void **)&a->branch, BT * C * 2},
         {(void **)&a->dres, BT * C * 2}, {(void **)&a->dln, BT * C * 2}, {(void **)&a->datty, BT * C * 2},
-        {(void **)&a->dqkv, BT * 3 * C * 2}, {(void **)&a->dfch, BT * 4 * C * 2},
+        {(void **)&a->dqkv, BT * 3 * C * 2}, {(void **)&a->dqkvn, qkn * BT * 3 * C * 2}, {(void **)&a->dfch, BT * 4 * C * 2},
         {(void **)&a->colsum, (size_t)colsum_chunks((int)BT) * 4 * C * 4},
         {(void **)&a->norm, (NORM_BLOCKS + 1) * 4},
         {(void **)&a->tokens, (5 * BT + 2) * 4},
+        {(void **)&a->lin_saved, saved}, {(void **)&a->lin_scratch, scratch}, {(void **)&a->dweff, dweff * 2},
+        {(void **)&a->rms_partial, RMS_BLOCKS * 4},
         {(void **)&a->attn.q, BT * C * 2}, {(void **)&a->attn.k, BT * C * 2}, {(void **)&a->attn.v, BT * C * 2},
         {(void **)&a->attn.y, BT * C * 2}, {(void **)&a->attn.dq, BT * C * 2}, {(void **)&a->attn.dk, BT * C * 2},
         {(void **)&a->attn.dv, BT * C * 2}, {(void **)&a->attn.dy, BT * C * 2},
@@ -284,6 +385,7 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
     for (size_t i = 0; i < n; i++) { *table[i].p = p; p += (table[i].bytes + 255) / 256 * 256; }
     cudaCheck(cudaMallocHost((void **)&m->h_tokens, (5 * BT + 2) * sizeof(int)));
     cudaCheck(cudaMallocHost((void **)&m->h_losses, BT * sizeof(float)));
+    cudaCheck(cudaMallocHost((void **)&m->h_moe, (moe_floats + 1) * sizeof(float)));
     m->h_counts = (int *)xmalloc((size_t)Vp * sizeof(int));
     m->mean_loss = -1.0f;
 }
@@ -291,8 +393,8 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
 static void gpt2_free(GPT2 *m) {
     cudaCheck(cudaStreamSynchronize(main_stream));
     cudaFree(m->params); cudaFree(m->grads); cudaFree(m->master); cudaFree(m->m); cudaFree(m->v);
-    cudaFree(m->gather); cudaFree(m->act_memory);
-    cudaFreeHost(m->h_tokens); cudaFreeHost(m->h_losses);
+    cudaFree(m->gather); cudaFree(m->act_memory); cudaFree(m->weff); cudaFree(m->rms_stats);
+    cudaFreeHost(m->h_tokens); cudaFreeHost(m->h_losses); cudaFreeHost(m->h_moe);
     free(m->h_counts); free(m->layers);
 }
 
@@ -306,23 +408,21 @@ static void gpt2_upload_params(GPT2 *m, const float *host) {
     free(tmp);
 }
 
-// GPT-2 init on the host, exactly as the CPU trainer: N(0, 0.02) matrices and embeddings, the
-// residual projections scaled by 1/sqrt(2 L); biases 0; LayerNorm weight 1. Tensors in table order.
+// Init on the host, exactly as the CPU trainer: from each tensor's init_std (set by gpt2_build):
+// embeddings N(0, 0.02); dense matrices as GPT-2 and structured cores as llmc/structure.h says (DESIGN 3.7);
+// biases and routers 0; LayerNorm weights and gamma 1. Tensors drawn in table order from one generator;
+// zero and one tensors draw nothing.
 static void gpt2_init_weights(GPT2 *m, uint64_t seed) {
     float *h = (float *)xcalloc(m->num_params * sizeof(float));
     Rng rng;
     rng_seed(&rng, seed);
-    float resid_std = 0.02f / sqrtf(2.0f * m->L);
     for (int i = 0; i < m->ntensors; i++) {
         ParamTensor *t = &m->tensors[i];
         float *p = h + t->offset;
-        const char *n = t->name;
-        size_t len = strlen(n);
-        if (len > 2 && !strcmp(n + len - 2, ".w") && strstr(n, "ln")) {
+        if (t->init_std == INIT_ONES) {
             for (size_t j = 0; j < t->size; j++) p[j] = 1.0f;
-        } else if (t->decay) {
-            int resid = strstr(n, ".attn_proj.") || strstr(n, ".mlp_proj.");
-            rng_normal_fill(&rng, p, t->size, resid ? resid_std : 0.02f);
+        } else if (t->init_std != 0.0f) {
+            rng_normal_fill(&rng, p, t->size, t->init_std);
         }
     }
     gpt2_upload_params(m, h);
@@ -332,14 +432,175 @@ static void gpt2_init_weights(GPT2 *m, uint64_t seed) {
 // ----------------------------------------------------------------------------------------------
 // Forward and backward
 
+// qk_norm (DESIGN section 2): a LayerNorm over each head's hs channels of q and of k, its weight and
+// bias (hs) shared by all heads; the CPU trainer's qknorm_forward / qknorm_backward. One warp per
+// (token, part, head), part 0 q, 1 k, 2 v (copied). qkv (N,3C) -> out (N,3C); mean, rstd (N, 2, NH).
+__global__ void qknorm_forward_kernel(bf16 *out, float *mean, float *rstd, const bf16 *qkv, const bf16 *wq,
+                                      const bf16 *bq, const bf16 *wk, const bf16 *bk, int N, int C, int NH) {
+    int idx = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32, hs = C / NH;
+    if (idx >= N * 3 * NH) return;
+    int n = idx / (3 * NH), part = (idx / NH) % 3, h = idx % NH;
+    size_t off = (size_t)n * 3 * C + (size_t)part * C + (size_t)h * hs;
+    if (part == 2) {
+        for (int i = lane; i < hs; i += 32) out[off + i] = qkv[off + i];
+        return;
+    }
+    const bf16 *w = part ? wk : wq, *b = part ? bk : bq;
+    float sum = 0.0f, var = 0.0f;
+    for (int i = lane; i < hs; i += 32) sum += __bfloat162float(qkv[off + i]);
+    float m = warp_sum(sum) / hs;
+    for (int i = lane; i < hs; i += 32) { float d = __bfloat162float(qkv[off + i]) - m; var += d * d; }
+    float r = 1.0f / sqrtf(warp_sum(var) / hs + 1e-5f);
+    for (int i = lane; i < hs; i += 32)
+        out[off + i] = __float2bfloat16((__bfloat162float(qkv[off + i]) - m) * r * __bfloat162float(w[i]) + __bfloat162float(b[i]));
+    if (lane == 0) { mean[((size_t)n * 2 + part) * NH + h] = m; rstd[((size_t)n * 2 + part) * NH + h] = r; }
+}
+// dqkv (N,3C) = qk_norm'(dout), overwritten (v passes through).
+__global__ void qknorm_backward_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const bf16 *wq, const bf16 *wk,
+                                       const float *mean, const float *rstd, int N, int C, int NH) {
+    int idx = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32, hs = C / NH;
+    if (idx >= N * 3 * NH) return;
+    int n = idx / (3 * NH), part = (idx / NH) % 3, h = idx % NH;
+    size_t off = (size_t)n * 3 * C + (size_t)part * C + (size_t)h * hs;
+    if (part == 2) {
+        for (int i = lane; i < hs; i += 32) dqkv[off + i] = dout[off + i];
+        return;
+    }
+    const bf16 *w = part ? wk : wq;
+    float m = mean[((size_t)n * 2 + part) * NH + h], r = rstd[((size_t)n * 2 + part) * NH + h];
+    float dm = 0.0f, dnm = 0.0f;
+    for (int i = lane; i < hs; i += 32) {
+        float norm = (__bfloat162float(qkv[off + i]) - m) * r, dnorm = __bfloat162float(w[i]) * __bfloat162float(dout[off + i]);
+        dm += dnorm;
+        dnm += dnorm * norm;
+    }
+    dm = warp_sum(dm) / hs;
+    dnm = warp_sum(dnm) / hs;
+    for (int i = lane; i < hs; i += 32) {
+        float norm = (__bfloat162float(qkv[off + i]) - m) * r, dnorm = __bfloat162float(w[i]) * __bfloat162float(dout[off + i]);
+        dqkv[off + i] = __float2bfloat16((dnorm - dm - norm * dnm) * r);
+    }
+}
+// Partial sums of the qk_norm parameter gradients over each chunk of COLSUM_CHUNK tokens (all heads):
+// partial (S, 4 hs) = [dwq, dbq, dwk, dbk]; thread (x, y) of a (32, 8) block takes column x, tokens y, y+8, ...
+__global__ void qknorm_params_kernel(float *partial, const bf16 *dout, const bf16 *qkv, const float *mean,
+                                     const float *rstd, int N, int C, int NH) {
+    __shared__ float acc[8][33];
+    int hs = C / NH, c = blockIdx.x * 32 + threadIdx.x, chunk = blockIdx.y;
+    int r0 = chunk * COLSUM_CHUNK, r1 = min(r0 + COLSUM_CHUNK, N);
+    for (int q = 0; q < 4; q++) {   // dwq, dbq, dwk, dbk
+        int part = q / 2, bias = q % 2;
+        float s = 0.0f;
+        if (c < hs)
+            for (int n = r0 + threadIdx.y; n < r1; n += 8)
+                for (int h = 0; h < NH; h++) {
+                    size_t off = (size_t)n * 3 * C + (size_t)part * C + (size_t)h * hs + c;
+                    float d = __bfloat162float(dout[off]);
+                    size_t st = ((size_t)n * 2 + part) * NH + h;
+                    s += bias ? d : d * (__bfloat162float(qkv[off]) - mean[st]) * rstd[st];
+                }
+        __syncthreads();
+        acc[threadIdx.y][threadIdx.x] = s;
+        __syncthreads();
+        if (threadIdx.y == 0 && c < hs) {
+            float t = 0.0f;
+            for (int y = 0; y < 8; y++) t += acc[y][threadIdx.x];
+            partial[(size_t)chunk * 4 * hs + (size_t)q * hs + c] = t;
+        }
+    }
+}
+static void qknorm_forward(bf16 *out, float *mean, float *rstd, const bf16 *qkv, const bf16 *wq, const bf16 *bq,
+                           const bf16 *wk, const bf16 *bk, int N, int C, int NH, cudaStream_t st) {
+    qknorm_forward_kernel<<<ceil_div((long)N * 3 * NH, 8), 256, 0, st>>>(out, mean, rstd, qkv, wq, bq, wk, bk, N, C, NH);
+    cudaCheck(cudaGetLastError());
+}
+// dqkv overwritten; dwq, dbq, dwk, dbk (hs) += ... scratch: colsum_chunks(N) * 4 hs floats.
+static void qknorm_backward(bf16 *dqkv, bf16 *dwq, bf16 *dbq, bf16 *dwk, bf16 *dbk, float *scratch, const bf16 *dout,
+                            const bf16 *qkv, const bf16 *wq, const bf16 *wk, const float *mean, const float *rstd,
+                            int N, int C, int NH, cudaStream_t st) {
+    int hs = C / NH, S = colsum_chunks(N);
+    qknorm_backward_kernel<<<ceil_div((long)N * 3 * NH, 8), 256, 0, st>>>(dqkv, dout, qkv, wq, wk, mean, rstd, N, C, NH);
+    cudaCheck(cudaGetLastError());
+    qknorm_params_kernel<<<dim3(ceil_div(hs, 32), S), dim3(32, 8), 0, st>>>(scratch, dout, qkv, mean, rstd, N, C, NH);
+    cudaCheck(cudaGetLastError());
+    bf16 *outs[4] = {dwq, dbq, dwk, dbk};
+    for (int q = 0; q < 4; q++) colsum_finalize(outs[q], scratch + (size_t)q * hs, S, hs, 4 * hs, st);
+}
+
+// The weights a linear layer's forward multiplies by: its cores, or under rms_cap the effective cores
+// gamma W / max(1, RMS(W)/sigma) (recomputed by every forward, as the weights change every step; the
+// RMS is kept for backward).
+static const bf16 *linear_core(GPT2 *m, const Linear *lin, int c, int recompute) {
+    if (c >= lin->s.ncores) return NULL;
+    if (lin->gamma[c] < 0) return PB(m, lin->core[c]);
+    bf16 *weff = m->weff + lin->weff[c];
+    if (recompute)
+        rmscap_forward(weff, m->rms_stats + lin->stat[c], PB(m, lin->core[c]), PB(m, lin->gamma[c]),
+                       m->tensors[lin->core[c]].size, lin->s.mup_sigma[c], m->acts.rms_partial, main_stream);
+    return weff;
+}
+
+// out (N, d_out) = S(inp (N, d_in)) + b; with gelu_pre (mlp_fc): out = gelu(that), gelu_pre = that.
+// btt_moe also leaves its aux loss and expert loads in its saved state.
+static void linear_forward(GPT2 *m, const Linear *lin, bf16 *out, const bf16 *inp, bf16 *gelu_pre, int N) {
+    cudaStream_t st = main_stream;
+    const bf16 *W0 = linear_core(m, lin, 0, 1), *W1 = linear_core(m, lin, 1, 1), *b = PB(m, lin->b);
+    char *saved = m->acts.lin_saved + lin->saved;
+    if (lin->s.type == STRUCT_DENSE)
+        matmul_forward(out, inp, W0, b, gelu_pre, N, lin->d_in, lin->d_out, st);
+    else if (lin->G >= 0)
+        moe_forward_gpu(&lin->s, out, inp, W0, W1, PB(m, lin->G), b, gelu_pre, m->cfg.model.moe_z_weight, saved,
+                        m->acts.lin_scratch, N, st);
+    else
+        structured_forward_gpu(&lin->s, out, inp, W0, W1, b, gelu_pre, (bf16 *)saved, N, st);
+}
+
+// dinp (N, d_in) = S'(dout) (overwritten; times gelu'(dgelu_pre) when given: the GELU before this layer);
+// the cores' (gammas', router's) and the bias's gradients += ... Under rms_cap the weight gradient goes
+// to dweff (overwritten), then through the cap to W and gamma. btt_moe's router also receives the aux
+// loss's gradient, scaled by m->moe_daux.
+static void linear_backward(GPT2 *m, const Linear *lin, bf16 *dinp, const bf16 *dout, const bf16 *inp,
+                            const bf16 *dgelu_pre, int N) {
+    cudaStream_t st = main_stream;
+    const Structure *s = &lin->s;
+    bf16 *dW[2] = {NULL, NULL}, *dweff = m->acts.dweff;
+    int capped = lin->gamma[0] >= 0;
+    for (int c = 0; c < s->ncores; c++) {
+        if (!capped) { dW[c] = GB(m, lin->core[c]); continue; }
+        dW[c] = dweff;
+        dweff += (m->tensors[lin->core[c]].size + 7) / 8 * 8;
+    }
+    const bf16 *W0 = linear_core(m, lin, 0, 0), *W1 = linear_core(m, lin, 1, 0);
+    char *saved = m->acts.lin_saved + lin->saved;
+    float *cs = m->acts.colsum;
+    if (s->type == STRUCT_DENSE) {
+        if (capped) cudaCheck(cudaMemsetAsync(dW[0], 0, m->tensors[lin->core[0]].size * sizeof(bf16), st));
+        matmul_backward(dinp, dW[0], GB(m, lin->b), dout, inp, W0, dgelu_pre, cs, N, lin->d_in, lin->d_out, st);
+    } else {
+        if (lin->G >= 0)
+            moe_backward_gpu(s, dinp, dW[0], dW[1], GB(m, lin->G), !capped, dout, m->moe_daux, m->cfg.model.moe_z_weight,
+                             inp, W0, W1, PB(m, lin->G), saved, dgelu_pre, m->acts.lin_scratch, N, st);
+        else
+            structured_backward_gpu(s, dinp, dW[0], dW[1], !capped, dout, inp, W0, W1, (const bf16 *)saved, dgelu_pre,
+                                    m->acts.lin_scratch, N, st);
+        bias_backward(GB(m, lin->b), dout, cs, N, lin->d_out, st);
+    }
+    for (int c = 0; capped && c < s->ncores; c++) {
+        int k = lin->core[c];
+        rmscap_backward(GB(m, k), GB(m, lin->gamma[c]), dW[c], PB(m, k), PB(m, lin->gamma[c]), m->rms_stats + lin->stat[c],
+                        m->tensors[k].size, s->mup_sigma[c], m->acts.rms_partial, st);
+    }
+}
+
 // Per-layer activation pointers for the current (B, T): layer l's slice of each (L, ...) buffer.
-typedef struct { bf16 *ln1; float *ln1_mean, *ln1_rstd; bf16 *qkv, *att, *atty, *res2, *ln2; float *ln2_mean, *ln2_rstd;
-                 bf16 *fch, *fch_gelu, *res3; } LayerActs;
+typedef struct { bf16 *ln1; float *ln1_mean, *ln1_rstd; bf16 *qkv, *qkvn; float *qk_mean, *qk_rstd;
+                 bf16 *att, *atty, *res2, *ln2; float *ln2_mean, *ln2_rstd; bf16 *fch, *fch_gelu, *res3; } LayerActs;
 static LayerActs layer_acts(GPT2 *m, int l) {
     Activations *a = &m->acts;
-    size_t BT = (size_t)m->B * m->T, C = m->C;
+    size_t BT = (size_t)m->B * m->T, C = m->C, qk = m->cfg.model.qk_norm ? 1 : 0;
     LayerActs la = {
         a->ln1 + l * BT * C, a->ln1_mean + l * BT, a->ln1_rstd + l * BT, a->qkv + l * BT * 3 * C,
+        a->qkvn + qk * l * BT * 3 * C, a->qk_mean + qk * l * BT * 2 * m->NH, a->qk_rstd + qk * l * BT * 2 * m->NH,
         a->att + l * (size_t)m->B * m->NH * m->T * m->T, a->atty + l * BT * C, a->res2 + l * BT * C,
         a->ln2 + l * BT * C, a->ln2_mean + l * BT, a->ln2_rstd + l * BT,
         a->fch + l * BT * 4 * C, a->fch_gelu + l * BT * 4 * C, a->res3 + l * BT * C};
@@ -350,7 +611,9 @@ static const bf16 *layer_input(GPT2 *m, int l) {
 }
 
 // inputs, targets (B,T) host arrays; targets may be NULL (then acts.logits holds the logits
-// (B,T,Vp)). With targets: acts.losses (B,T) and m->mean_loss (the stream is synchronized).
+// (B,T,Vp)). With targets: acts.losses (B,T) and m->mean_loss (the cross-entropy). m->aux_loss: the
+// mean aux loss of the btt_moe layers, m->h_moe their aux losses and expert loads. The stream is
+// synchronized at the end.
 static void gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, int T) {
     if (B > m->Bmax || T > m->Tmax || T > m->maxT) {
         fprintf(stderr, "error: forward (B=%d, T=%d) exceeds the allocation (%d, %d)\n", B, T, m->Bmax, m->Tmax);
@@ -379,15 +642,19 @@ static void gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, 
         LayerParams *lp = &m->layers[l];
         LayerActs la = layer_acts(m, l);
         const bf16 *x = layer_input(m, l);
-        Linear *qkv = &lp->lin[LIN_ATTN_QKV], *proj = &lp->lin[LIN_ATTN_PROJ];
-        Linear *fc = &lp->lin[LIN_MLP_FC], *mproj = &lp->lin[LIN_MLP_PROJ];
-        matmul_forward(la.qkv, la.ln1, PB(m, qkv->W), PB(m, qkv->b), NULL, N, C, 3 * C, st);
-        attention_forward(la.atty, la.att, la.qkv, &a->attn, B, T, C, m->NH, st);
-        matmul_forward(a->branch, la.atty, PB(m, proj->W), PB(m, proj->b), NULL, N, C, C, st);
+        linear_forward(m, &lp->lin[LIN_ATTN_QKV], la.qkv, la.ln1, NULL, N);
+        const bf16 *qkv = la.qkv;
+        if (lp->qkw >= 0) {
+            qknorm_forward(la.qkvn, la.qk_mean, la.qk_rstd, la.qkv, PB(m, lp->qkw), PB(m, lp->qkb), PB(m, lp->kkw),
+                           PB(m, lp->kkb), N, C, m->NH, st);
+            qkv = la.qkvn;
+        }
+        attention_forward(la.atty, la.att, qkv, &a->attn, B, T, C, m->NH, m->attn_scale, st);
+        linear_forward(m, &lp->lin[LIN_ATTN_PROJ], a->branch, la.atty, NULL, N);
         residual_layernorm_forward(la.res2, la.ln2, la.ln2_mean, la.ln2_rstd, x, a->branch, PB(m, lp->ln2w),
                                    PB(m, lp->ln2b), N, C, st);
-        matmul_forward(la.fch_gelu, la.ln2, PB(m, fc->W), PB(m, fc->b), la.fch, N, C, 4 * C, st);
-        matmul_forward(a->branch, la.fch_gelu, PB(m, mproj->W), PB(m, mproj->b), NULL, N, 4 * C, C, st);
+        linear_forward(m, &lp->lin[LIN_MLP_FC], la.fch_gelu, la.ln2, la.fch, N);
+        linear_forward(m, &lp->lin[LIN_MLP_PROJ], a->branch, la.fch_gelu, NULL, N);
         // res3 = res2 + mlp, fused with the next LayerNorm: ln1 of layer l+1, or the final one
         if (l + 1 < L) {
             LayerActs nx = layer_acts(m, l + 1);
@@ -398,11 +665,25 @@ static void gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, 
                                        PB(m, m->lnfw), PB(m, m->lnfb), N, C, st);
         }
     }
+    // every btt_moe layer's aux loss and loads to the host (read after the synchronization below)
+    for (int l = 0; l < L; l++)
+        for (int k = 0; k < NUM_LINEAR; k++) {
+            const Linear *lin = &m->layers[l].lin[k];
+            if (lin->G < 0) continue;
+            cudaCheck(cudaMemcpyAsync(m->h_moe + lin->load, moe_gpu_aux(&lin->s, m->acts.lin_saved + lin->saved, N),
+                                      (1 + lin->s.experts) * sizeof(float), cudaMemcpyDeviceToHost, st));
+        }
     matmul_forward(a->logits, a->lnf, PB(m, m->wte), NULL, NULL, N, C, m->Vp, st);   // tied LM head
-    if (!targets) { m->mean_loss = -1.0f; return; }
-    fused_classifier(a->logits, a->losses, a->tokens + N, N, m->V, m->Vp, 0.0f, 0, st);
-    cudaCheck(cudaMemcpyAsync(m->h_losses, a->losses, (size_t)N * sizeof(float), cudaMemcpyDeviceToHost, st));
+    if (targets) {
+        fused_classifier(a->logits, a->losses, a->tokens + N, N, m->V, m->Vp, 0.0f, 0, st);
+        cudaCheck(cudaMemcpyAsync(m->h_losses, a->losses, (size_t)N * sizeof(float), cudaMemcpyDeviceToHost, st));
+    }
     cudaCheck(cudaStreamSynchronize(st));
+    double aux = 0.0;
+    for (int l = 0; l < L; l++)
+        for (int k = 0; k < NUM_LINEAR; k++) if (m->layers[l].lin[k].G >= 0) aux += m->h_moe[m->layers[l].lin[k].load];
+    m->aux_loss = m->n_moe ? (float)(aux / m->n_moe) : 0.0f;
+    if (!targets) { m->mean_loss = -1.0f; return; }
     double sum = 0.0;
     for (int i = 0; i < N; i++) sum += m->h_losses[i];
     m->mean_loss = (float)(sum / N);
@@ -412,14 +693,15 @@ static void gpt2_zero_grad(GPT2 *m) {
     cudaCheck(cudaMemsetAsync(m->grads, 0, m->num_params * sizeof(bf16), main_stream));
 }
 
-// Accumulates into m->grads the gradient of (loss_scale * mean loss) of the last forward with
-// targets. Gradient accumulation over k micro-batches passes loss_scale = 1/k.
+// Accumulates into m->grads the gradient of loss_scale * (mean loss + aux_weight * aux_loss) of the last
+// forward with targets. Gradient accumulation over k micro-batches passes loss_scale = 1/k.
 static void gpt2_backward(GPT2 *m, float loss_scale) {
     if (!m->have_targets) { fprintf(stderr, "error: backward needs a forward with targets\n"); exit(1); }
     cudaStream_t st = main_stream;
     int B = m->B, T = m->T, C = m->C, N = B * T;
     Activations *a = &m->acts;
     float *cs = a->colsum;
+    m->moe_daux = m->n_moe ? loss_scale * m->cfg.model.moe_aux_weight / m->n_moe : 0.0f;
     // the classifier again, now writing dlogits over the logits (one more read of them; it keeps
     // forward free of the loss scale, which only backward knows)
     fused_classifier(a->logits, a->losses, a->tokens + N, N, m->V, m->Vp, loss_scale / N, 1, st);
@@ -432,17 +714,20 @@ static void gpt2_backward(GPT2 *m, float loss_scale) {
         LayerParams *lp = &m->layers[l];
         LayerActs la = layer_acts(m, l);
         const bf16 *x = layer_input(m, l);
-        Linear *qkv = &lp->lin[LIN_ATTN_QKV], *proj = &lp->lin[LIN_ATTN_PROJ];
-        Linear *fc = &lp->lin[LIN_MLP_FC], *mproj = &lp->lin[LIN_MLP_PROJ];
-        // mlp_proj, with the GELU backward fused: dfch = (dres W) * gelu'(fch)
-        matmul_backward(a->dfch, GB(m, mproj->W), GB(m, mproj->b), a->dres, la.fch_gelu, PB(m, mproj->W), la.fch, cs,
-                        N, 4 * C, C, st);
-        matmul_backward(a->dln, GB(m, fc->W), GB(m, fc->b), a->dfch, la.ln2, PB(m, fc->W), NULL, cs, N, C, 4 * C, st);
+        // mlp_proj, with the GELU backward fused: dfch = S'(dres) * gelu'(fch)
+        linear_backward(m, &lp->lin[LIN_MLP_PROJ], a->dfch, a->dres, la.fch_gelu, la.fch, N);
+        linear_backward(m, &lp->lin[LIN_MLP_FC], a->dln, a->dfch, la.ln2, NULL, N);
         layernorm_backward(a->dres, GB(m, lp->ln2w), GB(m, lp->ln2b), cs, a->dln, la.res2, PB(m, lp->ln2w),
                            la.ln2_mean, la.ln2_rstd, N, C, st);
-        matmul_backward(a->datty, GB(m, proj->W), GB(m, proj->b), a->dres, la.atty, PB(m, proj->W), NULL, cs, N, C, C, st);
-        attention_backward(a->dqkv, a->datty, la.qkv, la.att, &a->attn, B, T, C, m->NH, st);
-        matmul_backward(a->dln, GB(m, qkv->W), GB(m, qkv->b), a->dqkv, la.ln1, PB(m, qkv->W), NULL, cs, N, C, 3 * C, st);
+        linear_backward(m, &lp->lin[LIN_ATTN_PROJ], a->datty, a->dres, la.atty, NULL, N);
+        if (lp->qkw >= 0) {
+            attention_backward(a->dqkvn, a->datty, la.qkvn, la.att, &a->attn, B, T, C, m->NH, m->attn_scale, st);
+            qknorm_backward(a->dqkv, GB(m, lp->qkw), GB(m, lp->qkb), GB(m, lp->kkw), GB(m, lp->kkb), cs, a->dqkvn, la.qkv,
+                            PB(m, lp->qkw), PB(m, lp->kkw), la.qk_mean, la.qk_rstd, N, C, m->NH, st);
+        } else {
+            attention_backward(a->dqkv, a->datty, la.qkv, la.att, &a->attn, B, T, C, m->NH, m->attn_scale, st);
+        }
+        linear_backward(m, &lp->lin[LIN_ATTN_QKV], a->dln, a->dqkv, la.ln1, NULL, N);
         layernorm_backward(a->dres, GB(m, lp->ln1w), GB(m, lp->ln1b), cs, a->dln, x, PB(m, lp->ln1w),
                            la.ln1_mean, la.ln1_rstd, N, C, st);
     }
@@ -451,7 +736,8 @@ static void gpt2_backward(GPT2 *m, float loss_scale) {
 
 // The optimizer step for 0-based step `step` on the accumulated gradients (ZeRO-1): average the
 // gradients over the ranks into each rank's shard (reduce-scatter), clip by the global norm, AdamW
-// on the shard, all-gather the new bf16 parameters. Returns the norm before clipping; *lr_out the lr.
+// on the shard (each tensor at its own lr: mup's multipliers), all-gather the new bf16 parameters.
+// Returns the norm before clipping; *lr_out the scheduled lr.
 static float gpt2_optimizer_step(GPT2 *m, int step, float *lr_out) {
     cudaStream_t st = main_stream;
     Dist *d = m->dist;
@@ -477,20 +763,20 @@ static float gpt2_optimizer_step(GPT2 *m, int step, float *lr_out) {
         size_t b = tn->offset > lo ? tn->offset : lo, e = tn->offset + tn->size < hi ? tn->offset + tn->size : hi;
         if (b >= e) continue;
         float wd = tn->decay ? c->optim.weight_decay : 0.0f;
-        adamw_update(m->params + b, m->master + (b - lo), m->grads + b, m->m + (b - lo), m->v + (b - lo), e - b, lr,
-                     b1, b2, bc1, bc2, c->optim.eps, wd, scale, st);
+        adamw_update(m->params + b, m->master + (b - lo), m->grads + b, m->m + (b - lo), m->v + (b - lo), e - b,
+                     lr * tn->lr_mult, b1, b2, bc1, bc2, c->optim.eps, wd, scale, st);
     }
     ncclCheck(ncclAllGather(m->params + lo, m->params, m->shard_size, ncclBfloat16, d->comm, st));
     cudaCheck(cudaStreamSynchronize(st));
     return norm;
 }
 
-// Training FLOPs per token, the CPU trainer's count: 6 per MAC of every matmul plus attention
-// (q.k and att.v at full context, halved by the causal mask).
+// Training FLOPs per token, the CPU trainer's count: 6 per MAC of every matmul (the linear layers'
+// real MACs, llmc/structure.h) plus attention (q.k and att.v at full context, halved by the causal mask).
 static double gpt2_flops_per_token(const GPT2 *m, int T) {
     double macs = (double)m->Vp * m->C;
     for (int l = 0; l < m->L; l++)
-        for (int k = 0; k < NUM_LINEAR; k++) macs += (double)m->layers[l].lin[k].d_in * m->layers[l].lin[k].d_out;
+        for (int k = 0; k < NUM_LINEAR; k++) macs += m->layers[l].lin[k].s.macs;
     double attn = (double)m->L * T * m->C;
     return 6.0 * (macs + attn);
 }
@@ -600,8 +886,9 @@ static int load_tensors(GPT2 *m, const SafeTensors *st, const char *path, const 
         int same = strcmp(dtype, "F32") == 0 && ndim == t->ndim;
         for (int d = 0; same && d < ndim; d++) same = shape[d] == t->shape[d];
         if (!same) {
-            snprintf(err, ERRLEN, "%s: tensor %s: dtype %s shape (%lld,%lld) but the config's model needs F32 (%lld,%lld)",
-                     path, name, dtype, shape[0], ndim > 1 ? shape[1] : 0, t->shape[0], t->ndim > 1 ? t->shape[1] : 0);
+            char have[96], want[96];
+            snprintf(err, ERRLEN, "%s: tensor %s: dtype %s shape %s but the config's model needs F32 %s", path, name, dtype,
+                     shape_str(have, sizeof have, ndim, shape), shape_str(want, sizeof want, t->ndim, t->shape));
             return -1;
         }
         memcpy(base + t->offset, data, t->size * sizeof(float));
@@ -617,6 +904,15 @@ static int gpt2_load_llmc(GPT2 *m, const char *path, float *host, char *err) {
     if (llmc_model_read(path, h, &src, &n, err, ERRLEN)) return -1;
     const char *what[6] = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "padded_vocab_size"};
     int ours[6] = {m->maxT, m->V, m->L, m->NH, m->C, m->Vp};
+    for (int k = 0; k < NUM_LINEAR; k++) {
+        if (m->layers[0].lin[k].s.type != STRUCT_DENSE || m->cfg.model.qk_norm) {
+            snprintf(err, ERRLEN, "%s: an llm.c model is dense GPT-2, but the config's model.linear.%s is \"%s\"%s "
+                     "(convert it first: dev/tools/project %s OUT.safetensors --to TYPE)", path, linear_names[k],
+                     m->cfg.model.linear[k].type, m->cfg.model.qk_norm ? " with qk_norm" : "", path);
+            free(src);
+            return -1;
+        }
+    }
     for (int i = 0; i < 6; i++) {
         if (h[2 + i] != ours[i]) {
             snprintf(err, ERRLEN, "%s: the file's %s is %d but the config's model.%s is %d (use --set model.%s=%d)",
@@ -631,11 +927,11 @@ static int gpt2_load_llmc(GPT2 *m, const char *path, float *host, char *err) {
     #define TAKE_LAYERS(field) for (int l = 0; l < m->L; l++) TAKE_ONE(m->layers[l].field)
     TAKE_ONE(m->wte); TAKE_ONE(m->wpe);
     TAKE_LAYERS(ln1w); TAKE_LAYERS(ln1b);
-    TAKE_LAYERS(lin[LIN_ATTN_QKV].W); TAKE_LAYERS(lin[LIN_ATTN_QKV].b);
-    TAKE_LAYERS(lin[LIN_ATTN_PROJ].W); TAKE_LAYERS(lin[LIN_ATTN_PROJ].b);
+    TAKE_LAYERS(lin[LIN_ATTN_QKV].core[0]); TAKE_LAYERS(lin[LIN_ATTN_QKV].b);
+    TAKE_LAYERS(lin[LIN_ATTN_PROJ].core[0]); TAKE_LAYERS(lin[LIN_ATTN_PROJ].b);
     TAKE_LAYERS(ln2w); TAKE_LAYERS(ln2b);
-    TAKE_LAYERS(lin[LIN_MLP_FC].W); TAKE_LAYERS(lin[LIN_MLP_FC].b);
-    TAKE_LAYERS(lin[LIN_MLP_PROJ].W); TAKE_LAYERS(lin[LIN_MLP_PROJ].b);
+    TAKE_LAYERS(lin[LIN_MLP_FC].core[0]); TAKE_LAYERS(lin[LIN_MLP_FC].b);
+    TAKE_LAYERS(lin[LIN_MLP_PROJ].core[0]); TAKE_LAYERS(lin[LIN_MLP_PROJ].b);
     TAKE_ONE(m->lnfw); TAKE_ONE(m->lnfb);
     #undef TAKE_LAYERS
     #undef TAKE_ONE
@@ -724,22 +1020,26 @@ static int gpt2_resume(GPT2 *m, Config *cfg, Dist *dist, const CliArgs *args, Tr
 // Evaluation and sampling
 
 // Mean loss over up to max_batches batches of an in-order loader (all of it when max_batches <= 0),
-// the same batches as the CPU trainer; rank r evaluates batches r, r + world, ... Collective.
-static double gpt2_evaluate(GPT2 *m, DataLoader *dl, int max_batches, long long *tokens, char *err) {
+// the same batches as the CPU trainer; rank r evaluates batches r, r + world, ... *aux gets the mean aux
+// loss of the btt_moe layers (0 without them). Collective.
+static double gpt2_evaluate(GPT2 *m, DataLoader *dl, int max_batches, long long *tokens, double *aux, char *err) {
     dataloader_reset(dl);
     size_t nb = dataloader_num_batches(dl);
     if (max_batches > 0 && (size_t)max_batches < nb) nb = (size_t)max_batches;
-    double sum = 0.0;
+    double sum = 0.0, aux_sum = 0.0;
     int failed = 0;
     for (size_t i = 0; i < nb && !failed; i++) {
         if (dataloader_next(dl, err, ERRLEN)) { failed = 1; break; }
         if ((int)(i % m->dist->world) != m->dist->rank) continue;
         gpt2_forward(m, dl->inputs, dl->targets, m->Bmax, m->Tmax);
         sum += m->mean_loss;
+        aux_sum += m->aux_loss;
     }
     if (dist_any(m->dist, failed)) return -1.0;
     sum = dist_sum_double(m->dist, sum);
+    aux_sum = dist_sum_double(m->dist, aux_sum);
     *tokens = (long long)nb * m->Bmax * m->Tmax;
+    *aux = nb ? aux_sum / nb : 0.0;
     return nb ? sum / nb : 0.0;
 }
 
@@ -796,26 +1096,82 @@ static double gpu_peak_flops(void) {
     return 0.0;
 }
 
-static void print_summary(const GPT2 *m) {
-    const Config *c = &m->cfg;
+// The start-up summary, as the CPU trainer's: the GPU, then per projection (the same in every block) its
+// structure, core shapes, parameters and MACs per token next to the dense layer's, then the totals.
+// Printed, and returned as one JSON record for log.jsonl (malloc'd).
+static char *print_summary(const GPT2 *m, int step) {
     const Dist *d = m->dist;
     printf("GPU: %s (%.1f GiB), %d process%s (%s)\n", device_prop.name, device_prop.totalGlobalMem / 1073741824.0,
            d->world, d->world > 1 ? "es" : "", d->launcher);
-    printf("model: %d layers, %d heads, n_embd %d, block_size %d, vocab %d (padded %d)\n",
-           m->L, m->NH, m->C, m->maxT, m->V, m->Vp);
-    printf("%-10s %-8s %-14s %12s %12s\n", "layer", "type", "shape", "params", "MACs/token");
-    size_t lin_params = 0, total = 0;
+    printf("model: %d layers, %d heads, n_embd %d, block_size %d, vocab %d (padded %d)%s%s%s\n",
+           m->L, m->NH, m->C, m->maxT, m->V, m->Vp, m->cfg.model.qk_norm ? ", qk_norm" : "",
+           strcmp(m->cfg.model.attn_scale, "mup") ? "" : ", attn_scale mup",
+           strcmp(m->cfg.model.parametrization, "mup") ? "" : ", parametrization mup");
+    int w = 36;   // the structure column fits the longest description
+    for (int k = 0; k < NUM_LINEAR; k++) {
+        char desc[256];
+        int n = (int)strlen(structure_describe(&m->layers[0].lin[k].s, desc, sizeof desc));
+        if (n > w) w = n;
+    }
+    printf("%-9s %-12s %-*s %11s %11s %11s %7s\n", "layer", "shape", w, "structure (cores (blocks, out, in))",
+           "params", "MACs/token", "dense", "ratio");
+    size_t cap = 4096, len = 0, total = 0;
+    char *rec = (char *)xmalloc(cap);
+    len += snprintf(rec, cap, "{\"type\": \"model\", \"step\": %d, \"layers\": [", step);
+    double macs = 0.0, dense_macs = 0.0, lin_params = 0.0;
     for (int k = 0; k < NUM_LINEAR; k++) {
         const Linear *lin = &m->layers[0].lin[k];
-        char shape[32];
+        const Structure *s = &lin->s;
+        char shape[32], desc[256];
         snprintf(shape, sizeof shape, "%d -> %d", lin->d_in, lin->d_out);
-        size_t p = (size_t)lin->d_in * lin->d_out;
-        printf("%-10s %-8s %-14s %12zu %12zu\n", linear_names[k], c->model.linear[k].type, shape, p + lin->d_out, p);
-        lin_params += (p + lin->d_out) * m->L;
+        structure_describe(s, desc, sizeof desc);
+        long long params = s->params + lin->d_out + (s->rms_cap ? s->ncores : 0);   // + bias, gamma
+        printf("%-9s %-12s %-*s %11lld %11.0f %11.0f %6.3fx\n", linear_names[k], shape, w, desc, params, s->macs,
+               s->dense_macs, s->macs / s->dense_macs);
+        len += snprintf(rec + len, cap - len, "%s{\"name\": \"%s\", \"d_in\": %d, \"d_out\": %d, \"structure\": \"%s\", "
+                        "\"params\": %lld, \"macs\": %.0f, \"dense_macs\": %.0f}", k ? ", " : "", linear_names[k],
+                        lin->d_in, lin->d_out, desc, params, s->macs, s->dense_macs);
+        macs += s->macs * m->L;
+        dense_macs += s->dense_macs * m->L;
+        lin_params += (double)params * m->L;
     }
     for (int i = 0; i < m->ntensors; i++) total += m->tensors[i].size;
-    printf("parameters: %zu total, %zu in linear layers; training FLOPs/token %.3g (T=%d)\n",
-           total, lin_params, gpt2_flops_per_token(m, m->Tmax), m->Tmax);
+    double fpt = gpt2_flops_per_token(m, m->Tmax);
+    printf("totals (x%d layers): linear layers %.0f params, %.4g MACs/token (%.3fx dense); model %zu params; "
+           "training FLOPs/token %.4g (T=%d)\n", m->L, lin_params, macs, macs / dense_macs, total, fpt, m->Tmax);
+    snprintf(rec + len, cap - len, "], \"linear_params\": %.0f, \"linear_macs\": %.0f, \"dense_linear_macs\": %.0f, "
+             "\"params\": %zu, \"flops_per_token\": %.6g}", lin_params, macs, dense_macs, total, fpt);
+    return rec;
+}
+
+// Appends to a train log record ", \"moe\": [...]", as the CPU trainer: per btt_moe layer its aux loss
+// and expert load (the fraction of routed slots per expert; both averaged over the step's micro-batches:
+// moe holds m->h_moe's layout) and max/mean of the load (1 is perfectly balanced, E is everything on one
+// expert). Returns the largest max/mean, for the console.
+static float moe_load_record(const GPT2 *m, const float *moe, char *buf, size_t cap) {
+    size_t len = 0;
+    float worst = 0.0f;
+    int first = 1;
+    len += snprintf(buf + len, cap - len, ", \"moe\": [");
+    for (int l = 0; l < m->L; l++) {
+        for (int k = 0; k < NUM_LINEAR; k++) {
+            const Linear *lin = &m->layers[l].lin[k];
+            if (lin->G < 0 || len >= cap) continue;
+            int E = lin->s.experts;
+            const float *load = moe + lin->load + 1;
+            float mx = 0.0f;
+            for (int e = 0; e < E; e++) if (load[e] > mx) mx = load[e];
+            float ratio = mx * E;   // max / mean, the mean being 1/E
+            if (ratio > worst) worst = ratio;
+            len += snprintf(buf + len, cap - len, "%s{\"layer\": \"h.%d.%s\", \"aux_loss\": %.6f, \"load\": [",
+                            first ? "" : ", ", l, linear_names[k], moe[lin->load]);
+            for (int e = 0; e < E && len < cap; e++) len += snprintf(buf + len, cap - len, "%s%.4f", e ? ", " : "", load[e]);
+            if (len < cap) len += snprintf(buf + len, cap - len, "], \"max_over_mean\": %.4f}", ratio);
+            first = 0;
+        }
+    }
+    if (len < cap) snprintf(buf + len, cap - len, "]");
+    return worst;
 }
 
 static void print_gpu_help(void) {
@@ -872,7 +1228,7 @@ int main(int argc, char **argv) {
     int root = dist.rank == 0;
     if (!root && !freopen("/dev/null", "w", stdout)) fail("cannot silence stdout");  // one copy of the output
     int B = cfg.train.micro_batch, T = cfg.train.seq_len;
-    print_summary(&model);
+    char *summary = print_summary(&model, st.step);
 
     if (args.eval_shard) {
         if (!args.init_from && !args.resume_dir) fail("--eval needs --init-from FILE or --resume RUN_DIR");
@@ -880,9 +1236,11 @@ int main(int argc, char **argv) {
         if (dataloader_init(&dl, args.eval_shard, cfg.data.format, B, T, cfg.model.vocab_size, 0, 0, 0, 1,
                             err, sizeof err)) fail(err);
         long long tokens;
-        double loss = gpt2_evaluate(&model, &dl, 0, &tokens, err);
+        double aux, loss = gpt2_evaluate(&model, &dl, 0, &tokens, &aux, err);
         if (loss < 0) fail(err);
         printf("eval %s: loss %.6f over %lld tokens\n", args.eval_shard, loss, tokens);
+        if (model.n_moe) printf("eval %s: mean aux loss of the %d btt_moe layers %.6f\n", args.eval_shard, model.n_moe, aux);
+        free(summary);
         dataloader_free(&dl);
         gpt2_free(&model);
         dist_free(&dist);
@@ -930,6 +1288,8 @@ int main(int argc, char **argv) {
         }
     }
     if (dist_any(&dist, setup_err[0] != 0)) fail(root ? setup_err : "rank 0 could not set up the run directory");
+    logger_write(&log, summary);
+    free(summary);
     snprintf(path, sizeof path, "%s/samples.txt", run_dir);
 
     signal(SIGINT, on_stop_signal);
@@ -937,16 +1297,22 @@ int main(int argc, char **argv) {
     double flops_per_token = gpt2_flops_per_token(&model, T), peak = gpu_peak_flops() * dist.world;
     printf("batch: %d x %d tokens x %d accumulation x %d processes = %ld tokens per step; %d steps; run dir %s\n",
            B, T, accum, dist.world, cfg.train.batch_tokens, cfg.train.max_steps, run_dir);
-    char line[2048], mfu_s[32];
+    static char line[65536];
+    char mfu_s[32];
+    size_t moe_floats = 0;   // m->h_moe's length: per btt_moe layer its aux loss and E loads
+    for (int l = 0; l < model.L; l++)
+        for (int k = 0; k < NUM_LINEAR; k++) if (model.layers[l].lin[k].G >= 0) moe_floats += 1 + model.layers[l].lin[k].s.experts;
+    float *step_moe = (float *)xcalloc((moe_floats + 1) * sizeof(float));   // averaged over the step's micro-batches
     for (int step = st.step; step <= cfg.train.max_steps; step++) {
         int last = step == cfg.train.max_steps;
         if (have_val && ((cfg.eval.every > 0 && step % cfg.eval.every == 0) || last)) {
             long long ntok;
-            double vl = gpt2_evaluate(&model, &val, cfg.eval.batches, &ntok, err);
+            double vaux, vl = gpt2_evaluate(&model, &val, cfg.eval.batches, &ntok, &vaux, err);
             if (vl < 0) fail(err);
-            printf("step %d: val loss %.4f (%lld tokens)\n", step, vl, ntok);
-            snprintf(line, sizeof line, "{\"type\": \"val\", \"step\": %d, \"val_loss\": %.6f, \"tokens\": %lld}",
-                     step, vl, st.tokens);
+            if (model.n_moe) printf("step %d: val loss %.4f, aux loss %.4f (%lld tokens)\n", step, vl, vaux, ntok);
+            else printf("step %d: val loss %.4f (%lld tokens)\n", step, vl, ntok);
+            snprintf(line, sizeof line, "{\"type\": \"val\", \"step\": %d, \"val_loss\": %.6f, \"val_aux_loss\": %.6f, "
+                     "\"tokens\": %lld}", step, vl, vaux, st.tokens);
             logger_write(&log, line);
         }
         if (have_tok && cfg.sample.tokens > 0 &&
@@ -961,27 +1327,38 @@ int main(int argc, char **argv) {
 
         double t0 = now_ms();
         gpt2_zero_grad(&model);
-        double loss = 0.0;
+        double loss = 0.0, aux = 0.0;
         for (int micro = 0; micro < accum; micro++) {
             if (dataloader_next(&train, err, sizeof err)) fail(err);
             gpt2_forward(&model, train.inputs, train.targets, B, T);
             gpt2_backward(&model, 1.0f / accum);
             loss += model.mean_loss / accum;
+            aux += model.aux_loss / accum;
+            for (size_t i = 0; i < moe_floats; i++) step_moe[i] += model.h_moe[i] / accum;
         }
         float lr, norm = gpt2_optimizer_step(&model, step, &lr);
         loss = dist_sum_double(&dist, loss) / dist.world;
+        aux = dist_sum_double(&dist, aux) / dist.world;   // the loads in the log are rank 0's
         double ms = now_ms() - t0;
         st.step = step + 1;
         st.tokens += cfg.train.batch_tokens;
         double tps = cfg.train.batch_tokens / (ms / 1e3);
         if (peak > 0) snprintf(mfu_s, sizeof mfu_s, "%.4f", flops_per_token * tps / peak);
         else snprintf(mfu_s, sizeof mfu_s, "null");
-        printf("step %5d/%d | loss %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | mfu %s\n",
-               st.step, cfg.train.max_steps, loss, lr, norm, ms, tps, mfu_s);
+        char moe[64] = "";
+        int len = snprintf(line, sizeof line, "{\"type\": \"train\", \"step\": %d, \"loss\": %.6f, \"aux_loss\": %.6f, "
+                           "\"lr\": %.6g, \"grad_norm\": %.6f, \"tokens\": %lld, \"ms\": %.3f, \"tok_per_s\": %.1f, "
+                           "\"flops_per_token\": %.6g, \"mfu\": %s", st.step, loss, aux, lr, norm, st.tokens, ms, tps,
+                           flops_per_token, mfu_s);
+        if (model.n_moe) {
+            float worst = moe_load_record(&model, step_moe, line + len, sizeof line - len);
+            snprintf(moe, sizeof moe, " | aux %.4f | load max/mean %.2f", aux, worst);
+            memset(step_moe, 0, moe_floats * sizeof(float));
+        }
+        strncat(line, "}", sizeof line - strlen(line) - 1);
+        printf("step %5d/%d | loss %.4f%s | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | mfu %s\n",
+               st.step, cfg.train.max_steps, loss, moe, lr, norm, ms, tps, mfu_s);
         fflush(stdout);
-        snprintf(line, sizeof line, "{\"type\": \"train\", \"step\": %d, \"loss\": %.6f, \"aux_loss\": 0, \"lr\": %.6g, "
-                 "\"grad_norm\": %.6f, \"tokens\": %lld, \"ms\": %.3f, \"tok_per_s\": %.1f, \"flops_per_token\": %.6g, "
-                 "\"mfu\": %s}", st.step, loss, lr, norm, st.tokens, ms, tps, flops_per_token, mfu_s);
         logger_write(&log, line);
 
         int stop = dist_any(&dist, stop_signal);
@@ -998,6 +1375,7 @@ int main(int argc, char **argv) {
         }
     }
     logger_close(&log);
+    free(step_moe);
     dataloader_free(&train);
     if (have_val) dataloader_free(&val);
     if (have_tok) tokenizer_free(&tok);

@@ -102,15 +102,16 @@ typedef struct {
     bf16 *dpreatt;              // (B, NH, T, T)
 } AttentionScratch;
 
-// out (B, T, C); att (B, NH, T, T) softmax rows kept for backward.
+// out (B, T, C); att (B, NH, T, T) softmax rows kept for backward. scale: the softmax's logit scale,
+// 1/sqrt(hs), or 8/hs under attn_scale "mup" (DESIGN section 2).
 static void attention_forward(bf16 *out, bf16 *att, const bf16 *qkv, AttentionScratch *s, int B, int T, int C,
-                              int NH, cudaStream_t stream) {
+                              int NH, float scale, cudaStream_t stream) {
     int hs = C / NH, rows = B * NH * T;
     size_t n = (size_t)B * T * C;
     attention_permute_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(s->q, s->k, s->v, qkv, B, T, NH, hs);
     cudaCheck(cudaGetLastError());
     attn_gemm_xyt(s->scores, s->q, s->k, B * NH, T, hs);
-    causal_softmax_forward_kernel<<<ceil_div(rows, 8), 256, 0, stream>>>(att, s->scores, rows, T, 1.0f / sqrtf((float)hs));
+    causal_softmax_forward_kernel<<<ceil_div(rows, 8), 256, 0, stream>>>(att, s->scores, rows, T, scale);
     cudaCheck(cudaGetLastError());
     attn_gemm_pz(s->y, att, s->v, B * NH, T, hs, 0);
     attention_unpermute_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(out, s->y, B, T, NH, hs, 0);
@@ -119,7 +120,7 @@ static void attention_forward(bf16 *out, bf16 *att, const bf16 *qkv, AttentionSc
 
 // dqkv (B, T, 3C), overwritten, from dout (B, T, C); qkv and att from the forward.
 static void attention_backward(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const bf16 *att, AttentionScratch *s,
-                               int B, int T, int C, int NH, cudaStream_t stream) {
+                               int B, int T, int C, int NH, float scale, cudaStream_t stream) {
     int hs = C / NH, rows = B * NH * T;
     size_t n = (size_t)B * T * C;
     // q, k, v of this layer (the scratch holds the last forward's layer)
@@ -129,8 +130,7 @@ static void attention_backward(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, co
     cudaCheck(cudaGetLastError());
     attn_gemm_xyt(s->scores, s->dy, s->v, B * NH, T, hs);   // datt = dy v^T
     attn_gemm_pz(s->dv, att, s->dy, B * NH, T, hs, 1);      // dv = att^T dy
-    causal_softmax_backward_kernel<<<ceil_div(rows, 8), 256, 0, stream>>>(s->dpreatt, s->scores, att, rows, T,
-                                                                          1.0f / sqrtf((float)hs));
+    causal_softmax_backward_kernel<<<ceil_div(rows, 8), 256, 0, stream>>>(s->dpreatt, s->scores, att, rows, T, scale);
     cudaCheck(cudaGetLastError());
     attn_gemm_pz(s->dq, s->dpreatt, s->k, B * NH, T, hs, 0);  // dq = dpreatt k
     attn_gemm_pz(s->dk, s->dpreatt, s->q, B * NH, T, hs, 1);  // dk = dpreatt^T q

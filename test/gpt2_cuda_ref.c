@@ -1,13 +1,15 @@
-// The CPU side of the GPU parity test (test/test_gpt2_cuda.cu): runs the CPU trainer on the
-// dense fixture's config, weights and batch and writes what it computes, in the fixture's own
-// layout, so the CUDA test compares against the CPU trainer itself:
+// The CPU side of the GPU parity test (test/test_gpt2_cuda.cu): runs the CPU trainer on a model
+// fixture's config, weights and batch (test/fixtures/gpt2_<structure>.safetensors) and writes what it
+// computes, in the fixture's own layout, so the CUDA test compares against the CPU trainer itself:
 //   every parameter by name (the starting weights), inputs, targets (B,T) I32, logits (B,T,V),
 //   loss (1,), grad.<name> (one backward with loss scale 1), steps.loss (10,) and final.<name>
 //   (10 AdamW steps on that batch), accum.grad.<name> (the gradient accumulated over two
 //   micro-batches, the batch and the batch with inputs and targets rotated by one row, each with
-//   loss scale 1/2); metadata "config" = the fixture's config.
-// Not a test itself (not named test_*): `make test-cuda` builds and runs it before the CUDA test.
-// Usage: gpt2_cuda_ref [FIXTURE [OUT]]
+//   loss scale 1/2), moe.sel.<layer> I32 (B*T, k) the experts each btt_moe layer selected in the
+//   first forward; metadata "config" = the fixture's config, "zero_true_grad" = the fixture's list of
+//   tensors whose true gradient is exactly 0 ("[]" if it has none).
+// Not a test itself (not named test_*): dev/cuda/run_tests builds and runs it for every fixture
+// before the CUDA test. Usage: gpt2_cuda_ref [FIXTURE [OUT]]
 #include "train_gpt2.c"
 
 static const void *need(const SafeTensors *st, const char *name, const char *dtype) {
@@ -40,6 +42,22 @@ int main(int argc, char **argv) {
     for (int n = 0; n < N; n++) memcpy(logits + (size_t)n * m.V, m.acts.logits + (size_t)n * m.Vp, m.V * sizeof(float));
     gpt2_forward(&m, inputs, targets, B, T);
     float loss = m.mean_loss;
+    // the routing of every btt_moe layer in this forward (moe.h keeps it in the layer's saved state)
+    int nmoe = 0;
+    int **sel = xmalloc((size_t)NUM_LINEAR * m.L * sizeof(int *));
+    char (*sel_names)[96] = xmalloc((size_t)NUM_LINEAR * m.L * sizeof *sel_names);
+    int *sel_k = xmalloc((size_t)NUM_LINEAR * m.L * sizeof(int));
+    for (int l = 0; l < m.L; l++)
+        for (int k = 0; k < NUM_LINEAR; k++) {
+            const Linear *lin = &m.layers[l].lin[k];
+            if (lin->G < 0) continue;
+            MoeSaved sv = moe_saved_view(&lin->s, m.acts.lin_saved + lin->saved, (size_t)N * lin->s.top_k * moe_mid(&lin->s), N);
+            sel[nmoe] = xmalloc((size_t)N * lin->s.top_k * sizeof(int));
+            memcpy(sel[nmoe], sv.sel, (size_t)N * lin->s.top_k * sizeof(int));
+            sel_k[nmoe] = lin->s.top_k;
+            snprintf(sel_names[nmoe], sizeof sel_names[0], "moe.sel.h.%d.%s", l, linear_names[k]);
+            nmoe++;
+        }
     gpt2_zero_grad(&m);
     gpt2_backward(&m, 1.0f);
     memcpy(grads, m.grads, P * sizeof(float));
@@ -68,7 +86,7 @@ int main(int argc, char **argv) {
     }
 
     int nt = m.ntensors, n = 0;
-    StTensor *ts = xmalloc((size_t)(4 * nt + 5) * sizeof(StTensor));
+    StTensor *ts = xmalloc((size_t)(4 * nt + 5 + nmoe) * sizeof(StTensor));
     char (*names)[96] = xmalloc((size_t)(4 * nt) * sizeof *names);
     const char *prefix[4] = {"", "grad.", "final.", "accum.grad."};
     float *base[4] = {initial, grads, m.params, accum};
@@ -76,7 +94,8 @@ int main(int argc, char **argv) {
         for (int i = 0; i < nt; i++) {
             ParamTensor *t = &m.tensors[i];
             snprintf(names[k * nt + i], sizeof names[0], "%s%s", prefix[k], t->name);
-            StTensor s = {names[k * nt + i], "F32", base[k] + t->offset, t->ndim, {t->shape[0], t->shape[1]}};
+            StTensor s = {names[k * nt + i], "F32", base[k] + t->offset, t->ndim,
+                          {t->shape[0], t->shape[1], t->shape[2], t->shape[3]}};
             ts[n++] = s;
         }
     }
@@ -84,10 +103,19 @@ int main(int argc, char **argv) {
                          {"logits", "F32", logits, 3, {B, T, m.V}}, {"loss", "F32", &loss, 1, {1}},
                          {"steps.loss", "F32", losses, 1, {10}}};
     for (int i = 0; i < 5; i++) ts[n++] = extra[i];
-    const char *keys[] = {"config"}, *vals[] = {config};
+    for (int j = 0; j < nmoe; j++) {
+        StTensor s = {sel_names[j], "I32", sel[j], 2, {N, sel_k[j]}};
+        ts[n++] = s;
+    }
+    const char *zero = safetensors_meta(&fx, "zero_true_grad");
+    const char *keys[] = {"config", "zero_true_grad"}, *vals[] = {config, zero ? zero : "[]"};
     ckpt_mkdirs("build/test");
-    if (safetensors_write(out, ts, n, keys, vals, 1, err, sizeof err)) fail(err);
+    if (safetensors_write(out, ts, n, keys, vals, 2, err, sizeof err)) fail(err);
     printf("wrote %s: CPU loss %.6f, 10-step loss %.6f -> %.6f\n", out, loss, losses[0], losses[9]);
+    for (int j = 0; j < nmoe; j++) free(sel[j]);
+    free(sel);
+    free(sel_k);
+    free(sel_names);
     gpt2_free(&m);
     safetensors_free(&fx);
     return 0;

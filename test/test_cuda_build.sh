@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# CI without a GPU: every CUDA source compiles and links with nvcc for sm_90 (H100), so build
-# breaks are caught where the GPU tests cannot run. One line per file: "ok - compiles: FILE" or
-# "FAIL - compiles: FILE" with the compiler's first errors. Two files at a time (CI has 2 cores);
-# host and device optimization off (-O0, ptxas -O0): this checks the code, it does not make
-# binaries to run (make cuda does, with -O3, into other paths).
+# CI without a GPU:
+#   1. every CUDA source compiles and links with nvcc for sm_90 (H100), so build breaks are caught where
+#      the GPU tests cannot run. One line per file: "ok - compiles: FILE" or "FAIL - compiles: FILE" with
+#      the compiler's first errors. Two files at a time (CI has 2 cores); host and device optimization
+#      off (-O0, ptxas -O0): this checks the code, it does not make binaries to run (make cuda does,
+#      with -O3, into other paths). The kernel programs of dev/cuda link the CPU references (cpu_ref.c).
+#   2. the structured-layer kernels (llmc/blockdiag.cuh, llmc/moe.cuh) run on the CPU emulation of
+#      dev/cuda/emu.h against llmc/blockdiag.h and llmc/moe.h (dev/cuda/emu_check.cpp, g++): their
+#      index math, tiling, permutations, gathers and determinism, checked without a GPU. Its ok/FAIL
+#      lines are passed through.
 set -u
 cd "$(dirname "$0")/.."
 if ! command -v nvcc > /dev/null; then
@@ -12,16 +17,28 @@ if ! command -v nvcc > /dev/null; then
 fi
 out=$(mktemp -d /tmp/cuda_build.XXXXXX)
 trap 'rm -rf "$out"' EXIT
+cuda_inc=$(dirname "$(command -v nvcc)")/../include
+if ! gcc -O1 -march=native -std=gnu11 -fopenmp -I. -c -o "$out/cpu_ref.o" dev/cuda/cpu_ref.c > "$out/cpu_ref.log" 2>&1; then
+    echo "FAIL - compiles: dev/cuda/cpu_ref.c"
+    grep -E "error" "$out/cpu_ref.log" | head -8 | sed 's/^/    /'
+fi
 files="train_gpt2.cu test/test_gpt2_cuda.cu $(ls dev/cuda/*.cu)"
 build() {  # one file -> out/NAME.bin, its log in out/NAME.log, status in out/NAME.rc
-    local f=$1 name; name=$(echo "$1" | tr / _)
-    nvcc -O0 -Xptxas -O0 -arch=sm_90 -std=c++17 -I. -Xcompiler -fopenmp -o "$out/$name.bin" "$f" \
+    local f=$1 name extra=""; name=$(echo "$1" | tr / _)
+    case "$f" in dev/cuda/*) extra="$out/cpu_ref.o -lopenblas" ;; esac
+    nvcc -O0 -Xptxas -O0 -arch=sm_90 -std=c++17 -I. -Xcompiler -fopenmp -o "$out/$name.bin" "$f" $extra \
         -lcublasLt -lcublas -lnccl -lcjson -lpcre2-8 -lm > "$out/$name.log" 2>&1
     echo $? > "$out/$name.rc"
 }
-export -f build; export out
+emu() {    # the emulation check, built and run
+    g++ -std=c++20 -O1 -I. -I"$cuda_inc" -fopenmp -Wno-unknown-pragmas -o "$out/emu_check" dev/cuda/emu_check.cpp \
+        "$out/cpu_ref.o" -lopenblas -lcjson -lpcre2-8 -lm -lpthread > "$out/emu_build.log" 2>&1 &&
+        OMP_NUM_THREADS=1 "$out/emu_check" > "$out/emu_run.log" 2>&1
+    echo $? > "$out/emu.rc"
+}
+export -f build emu; export out cuda_inc
 t0=$SECONDS
-printf '%s\n' $files | xargs -P 2 -I{} bash -c 'build {}'
+{ printf '%s\n' $files; echo EMU; } | xargs -P 2 -I{} bash -c 'if [ {} = EMU ]; then emu; else build {}; fi'
 for f in $files; do
     name=$(echo "$f" | tr / _)
     if [ "$(cat "$out/$name.rc" 2>/dev/null)" = 0 ]; then
@@ -32,4 +49,11 @@ for f in $files; do
         grep -E "error|undefined" "$out/$name.log" | head -8 | sed 's/^/    /'
     fi
 done
-echo "# nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), $(echo $files | wc -w) files in $((SECONDS - t0)) s"
+if [ -s "$out/emu_run.log" ]; then
+    grep -E '^(ok|FAIL) - ' "$out/emu_run.log" | sed 's/^\(ok\|FAIL\) - /\1 - emulated kernels: /'
+fi
+if [ "$(cat "$out/emu.rc" 2>/dev/null)" != 0 ] && ! grep -q '^FAIL - ' "$out/emu_run.log" 2>/dev/null; then
+    echo "FAIL - emulated kernels: dev/cuda/emu_check did not build or run"
+    cat "$out/emu_build.log" "$out/emu_run.log" 2>/dev/null | grep -E "error|emu:" | head -8 | sed 's/^/    /'
+fi
+echo "# nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), $(echo $files | wc -w) files and the emulation in $((SECONDS - t0)) s"

@@ -75,8 +75,8 @@ int main(void) {
     cudaCheck(cudaMalloc(&dqkv, n3 * 2));
     AttentionScratch s;
     alloc_scratch(&s, B, T, C, NH);
-    attention_forward(out, att, dqkv_in, &s, B, T, C, NH, main_stream);
-    attention_backward(dqkv, ddout, dqkv_in, att, &s, B, T, C, NH, main_stream);
+    attention_forward(out, att, dqkv_in, &s, B, T, C, NH, 1.0f / sqrtf((float)(C / NH)), main_stream);
+    attention_backward(dqkv, ddout, dqkv_in, att, &s, B, T, C, NH, 1.0f / sqrtf((float)(C / NH)), main_stream);
     float *rout = (float *)malloc(n * 4), *rdqkv = (float *)malloc(n3 * 4);
     attn_ref(rout, rdqkv, qkv, dout, B, T, C, NH);
     float *h = dev_to_host_bf16(out, n);
@@ -99,9 +99,9 @@ int main(void) {
     alloc_scratch(&S, BB, BT, BC, BNH);
     // causal attention FLOPs as the trainer counts them: 2 matmuls of T/2 * C MACs per token
     double flops = 2.0 * 2.0 * BB * BT * (BT / 2.0) * BC;
-    float ms = dev_time_ms([&] { attention_forward(O, A, Q, &S, BB, BT, BC, BNH, main_stream); }, 10);
+    float ms = dev_time_ms([&] { attention_forward(O, A, Q, &S, BB, BT, BC, BNH, 1.0f / sqrtf((float)(BC / BNH)), main_stream); }, 10);
     printf("bench: attention forward B=%d T=%d C=%d NH=%d: %.3f ms, %.1f useful TFLOP/s\n", BB, BT, BC, BNH, ms, flops / ms / 1e9);
-    ms = dev_time_ms([&] { attention_backward(DQ, D, Q, A, &S, BB, BT, BC, BNH, main_stream); }, 10);
+    ms = dev_time_ms([&] { attention_backward(DQ, D, Q, A, &S, BB, BT, BC, BNH, 1.0f / sqrtf((float)(BC / BNH)), main_stream); }, 10);
     printf("bench: attention backward: %.3f ms, %.1f useful TFLOP/s\n", ms, 2 * flops / ms / 1e9);
     return dev_failures ? 1 : 0;
 }
