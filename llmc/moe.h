@@ -404,7 +404,10 @@ static float moe_forward(const Structure *s, float *y, const float *x, const flo
         float *xr = per_thread + (size_t)omp_get_thread_num() * moe_thread_floats(s, 0);
         float *zb = xr + (size_t)BD_TC * d_in, *ob = zb + (size_t)BD_TC * mid;
         for (int t = 0; t < k; t++) {
-            #pragma omp for schedule(static)
+            // Items are independent (each writes its own rows of z' and y, summing nothing across
+            // items): dynamic, as blockdiag.h's fused forward, so a thread the OS delays does not hold
+            // up the others; the result does not depend on which thread takes an item.
+            #pragma omp for schedule(dynamic, 1)
             for (int it = first[t]; it < first[t + 1]; it++) {
                 int e, rows, r0 = moe_item(s, sv.off, items, it, &e, &rows);
                 const int *src = sv.src + r0;
