@@ -53,7 +53,13 @@ if [ -s "$out/emu_run.log" ]; then
     grep -E '^(ok|FAIL) - ' "$out/emu_run.log" | sed 's/^\(ok\|FAIL\) - /\1 - emulated kernels: /'
 fi
 if [ "$(cat "$out/emu.rc" 2>/dev/null)" != 0 ] && ! grep -q '^FAIL - ' "$out/emu_run.log" 2>/dev/null; then
-    echo "FAIL - emulated kernels: dev/cuda/emu_check did not build or run"
-    cat "$out/emu_build.log" "$out/emu_run.log" 2>/dev/null | grep -E "error|emu:" | head -8 | sed 's/^/    /'
+    rc=$(cat "$out/emu.rc" 2>/dev/null)
+    if [ -x "$out/emu_check" ]; then
+        why="exited with status $rc"; [ "${rc:-0}" -gt 128 ] && why="killed by signal $((rc - 128))"
+    else
+        why="did not build"
+    fi
+    echo "FAIL - emulated kernels: dev/cuda/emu_check $why"
+    cat "$out/emu_build.log" "$out/emu_run.log" 2>/dev/null | grep -v '^ok - ' | tail -8 | sed 's/^/    /'
 fi
 echo "# nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), $(echo $files | wc -w) files and the emulation in $((SECONDS - t0)) s"

@@ -3,12 +3,15 @@
 // machine without a GPU, against the CPU references (dev/cuda/emu_check.cpp; test/test_cuda_build.sh).
 //
 // Compile with g++ -std=c++20 (not nvcc): include this header first, then the .cuh files. Each
-// thread block runs as blockDim real threads (std::thread) with std::barrier for __syncthreads and
-// a 32-thread barrier per warp for the warp-collective operations (mma.sync m16n8k16, shuffles),
-// blocks one after another. Shared memory is one static buffer, filled with 0xFF bytes (bf16 NaN)
-// before every block, so reading shared memory that the block did not write shows up as NaN.
-// Not emulated: memory ordering beyond barriers, races between blocks (blocks run one at a time),
-// cp.async, ldmatrix, wgmma (the kernels use none of them). Kernels are launched with
+// thread block runs as blockDim fibers (ucontext) on the calling OS thread, scheduled in thread
+// order: a fiber runs until it reaches a barrier (__syncthreads, or the warp barrier behind
+// __syncwarp, shuffles and mma.sync m16n8k16) or returns; a barrier releases its waiters once every
+// live thread of its block (or warp) has arrived; a barrier that can never release is reported as a
+// deadlock. No OS threads: the result is deterministic and does not depend on the machine's limits
+// on threads. Blocks run one after another. Shared memory is one static buffer, filled with 0xFF
+// bytes (bf16 NaN) before every block, so reading shared memory that the block did not write shows
+// up as NaN. Not emulated: memory ordering beyond barriers, races between blocks (blocks run one at
+// a time), cp.async, ldmatrix, wgmma (the kernels use none of them). Kernels are launched with
 // LAUNCH(grid, block, smem, stream, kernel)(args...), which is kernel<<<grid, block, smem, stream>>>
 // under nvcc.
 #ifndef DEV_CUDA_EMU_H
@@ -20,11 +23,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <barrier>
-#include <functional>
-#include <memory>
-#include <thread>
-#include <vector>
+#include <tuple>
+#include <ucontext.h>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 
@@ -45,8 +45,8 @@ typedef __nv_bfloat16 bf16;
 
 static uint3 emu_bid;
 static dim3 emu_bdim, emu_gdim;
-static thread_local uint3 emu_tid;
-static thread_local int emu_linear;   // linear thread index in the block
+static uint3 emu_tid;                 // of the fiber that runs (set by the scheduler before it resumes one)
+static int emu_linear;                // linear thread index in the block
 #define threadIdx emu_tid
 #define blockIdx emu_bid
 #define blockDim emu_bdim
@@ -56,16 +56,48 @@ static thread_local int emu_linear;   // linear thread index in the block
 alignas(128) static unsigned char emu_smem[EMU_SMEM_BYTES];
 static unsigned char *dyn_smem() { return emu_smem; }
 
+// One block's fibers. A fiber's state: running or ready, waiting at the block barrier, waiting at
+// its warp's barrier, or done. block_arrived / warp_arrived count the waiters; live / warp_live the
+// threads not done (a thread that returns leaves every barrier, as CUDA's exited threads do).
+enum { EMU_READY, EMU_AT_BLOCK, EMU_AT_WARP, EMU_DONE };
+#define EMU_STACK_BYTES (256 * 1024)
 struct EmuBlock {
-    std::unique_ptr<std::barrier<>> all;
-    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    int nt, live, block_arrived;
+    int state[1024], warp_live[32], warp_arrived[32];
+    ucontext_t sched, fiber[1024];
 };
-static EmuBlock *emu_block;
+static EmuBlock emu_block;
+static char *emu_stacks[1024];   // allocated on first use, reused by every block
 struct EmuWarpBuf { uint32_t a[32][4], b[32][2]; uint64_t v[32]; };
 static EmuWarpBuf emu_warp_buf[32];
 
-static void emu_syncthreads() { emu_block->all->arrive_and_wait(); }
-static void emu_syncwarp() { emu_block->warps[emu_linear / 32]->arrive_and_wait(); }
+// Releases a barrier whose waiters are all the live threads it covers.
+static void emu_release(int kind, int first, int count) {
+    for (int t = first; t < first + count; t++)
+        if (emu_block.state[t] == kind) emu_block.state[t] = EMU_READY;
+}
+static void emu_check_barriers(int warp) {
+    EmuBlock &b = emu_block;
+    if (b.warp_live[warp] > 0 && b.warp_arrived[warp] == b.warp_live[warp]) {
+        b.warp_arrived[warp] = 0;
+        emu_release(EMU_AT_WARP, warp * 32, 32);
+    }
+    if (b.live > 0 && b.block_arrived == b.live) {
+        b.block_arrived = 0;
+        emu_release(EMU_AT_BLOCK, 0, b.nt);
+    }
+}
+static void emu_wait(int kind) {
+    EmuBlock &b = emu_block;
+    int me = emu_linear, warp = me / 32;
+    b.state[me] = kind;
+    if (kind == EMU_AT_BLOCK) b.block_arrived++;
+    else b.warp_arrived[warp]++;
+    emu_check_barriers(warp);
+    swapcontext(&b.fiber[me], &b.sched);
+}
+static void emu_syncthreads() { emu_wait(EMU_AT_BLOCK); }
+static void emu_syncwarp() { emu_wait(EMU_AT_WARP); }
 #define __syncthreads() emu_syncthreads()
 #define __syncwarp(...) emu_syncwarp()
 
@@ -131,35 +163,7 @@ static unsigned emu_ballot(int pred) {
 #define __ballot_sync(mask, pred) emu_ballot(pred)
 #define __popc(x) __builtin_popcount(x)
 
-// A pool of n threads that run a task together, reused by every block of that size (creating the
-// threads per block would dominate the run time). Never destroyed: the threads are detached.
-struct EmuPool {
-    int n;
-    std::barrier<> start, done;
-    std::function<void(int)> task;
-    explicit EmuPool(int n_) : n(n_), start(n_ + 1), done(n_ + 1) {
-        for (int t = 0; t < n; t++)
-            std::thread([this, t] {
-                for (;;) {
-                    start.arrive_and_wait();
-                    task(t);
-                    done.arrive_and_wait();
-                }
-            }).detach();
-    }
-    void run(std::function<void(int)> f) {
-        task = std::move(f);
-        start.arrive_and_wait();
-        done.arrive_and_wait();
-    }
-};
-static EmuPool *emu_pool(int n) {
-    static EmuPool *pools[1025];
-    if (!pools[n]) pools[n] = new EmuPool(n);
-    return pools[n];
-}
-
-// Runs every block of the grid, one after another, each as blockDim threads.
+// Runs every block of the grid, one after another, each as blockDim fibers.
 template <class... P> struct EmuLaunch {
     dim3 grid, block;
     size_t smem;
@@ -172,24 +176,63 @@ template <class... P> struct EmuLaunch {
         }
         emu_gdim = grid;
         emu_bdim = block;
-        EmuPool *pool = emu_pool(nt);
+        std::tuple<P...> tup(args...);
+        run_kernel = kernel;
+        run_args = &tup;
+        EmuBlock &b = emu_block;
+        for (int t = 0; t < nt; t++)
+            if (!emu_stacks[t] && !(emu_stacks[t] = (char *)malloc(EMU_STACK_BYTES))) {
+                fprintf(stderr, "emu: out of memory for %d fiber stacks\n", nt);
+                exit(1);
+            }
         for (unsigned z = 0; z < grid.z; z++)
             for (unsigned y = 0; y < grid.y; y++)
                 for (unsigned x = 0; x < grid.x; x++) {
                     emu_bid = make_uint3(x, y, z);
                     memset(emu_smem, 0xFF, smem);
-                    EmuBlock blk;
-                    blk.all = std::make_unique<std::barrier<>>(nt);
-                    for (int w = 0; w < nt / 32; w++) blk.warps.push_back(std::make_unique<std::barrier<>>(32));
-                    emu_block = &blk;
-                    pool->run([&](int t) {
-                        emu_linear = t;
-                        emu_tid = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-                        kernel(args...);
-                        blk.warps[t / 32]->arrive_and_drop();
-                        blk.all->arrive_and_drop();
-                    });
+                    b.nt = b.live = nt;
+                    b.block_arrived = 0;
+                    for (int w = 0; w < nt / 32; w++) b.warp_live[w] = 32, b.warp_arrived[w] = 0;
+                    for (int t = 0; t < nt; t++) {
+                        b.state[t] = EMU_READY;
+                        getcontext(&b.fiber[t]);
+                        b.fiber[t].uc_stack.ss_sp = emu_stacks[t];
+                        b.fiber[t].uc_stack.ss_size = EMU_STACK_BYTES;
+                        b.fiber[t].uc_link = &b.sched;
+                        makecontext(&b.fiber[t], (void (*)())entry, 0);
+                    }
+                    // round-robin over the ready fibers in thread order until all are done
+                    for (int done = 0; done < nt;) {
+                        int progressed = 0;
+                        for (int t = 0; t < nt; t++) {
+                            if (b.state[t] != EMU_READY) continue;
+                            emu_linear = t;
+                            emu_tid = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+                            swapcontext(&b.sched, &b.fiber[t]);
+                            progressed = 1;
+                            if (b.state[t] == EMU_DONE) done++;
+                        }
+                        if (!progressed) {
+                            fprintf(stderr, "emu: deadlock in block (%u, %u, %u): %d of %d threads wait at "
+                                            "__syncthreads, the others at a warp barrier or done\n",
+                                    x, y, z, b.block_arrived, nt);
+                            exit(1);
+                        }
+                    }
                 }
+    }
+    // what the fibers run (kernels launch no kernels, so one launch at a time)
+    static inline void (*run_kernel)(P...);
+    static inline std::tuple<P...> *run_args;
+    // a fiber's entry point: run the kernel as thread emu_linear, then leave every barrier
+    static void entry() {
+        std::apply(run_kernel, *run_args);
+        EmuBlock &b = emu_block;
+        int me = emu_linear, warp = me / 32;
+        b.state[me] = EMU_DONE;
+        b.live--;
+        b.warp_live[warp]--;
+        emu_check_barriers(warp);
     }
 };
 template <class... P> static EmuLaunch<P...> emu_launch(dim3 g, dim3 b, size_t smem, void (*k)(P...)) {

@@ -12,6 +12,7 @@
 // gradients sum over the tokens in fp32 and round once (5e-3).
 #include "dev/cuda/emu.h"
 #include <algorithm>
+#include <vector>
 #include "llmc/blockdiag.cuh"
 #include "llmc/moe.cuh"
 #include "dev/cuda/cpu_ref.h"
@@ -321,6 +322,7 @@ static void check_moe(const Structure *s, int N, int kernel, float daux) {
 }
 
 int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);   // each check's line survives a crash later in the run
     TokenPermute none = {0, 1, 1};
     check_primitive("blockdiag N=200 nb=3 24->40", 200, 3, 24, 40, 8, 16, none, none);
     check_primitive("blockdiag N=150 nb=2 20->12 (not multiples of 8)", 150, 2, 20, 12, 3, 1, none, none);
