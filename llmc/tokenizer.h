@@ -67,7 +67,7 @@ typedef struct { int *data; size_t len, cap; } TokenBuf;
 
 static int tokenbuf_reserve(TokenBuf *b, size_t extra) {
     if (b->len + extra <= b->cap) return 0;
-    size_t cap = b->cap ? b->cap : 64;   // small first: the tokenize tool holds thousands of short documents at once
+    size_t cap = b->cap ? b->cap : 64;   // small first: most documents are short
     while (cap < b->len + extra) cap *= 2;
     int *d = (int *)realloc(b->data, cap * sizeof(int));
     if (!d) return -1;

@@ -228,6 +228,15 @@ for src in "$W/exact" "$W/exact.jsonl"; do
         && grep -q "3 documents, 300 tokens, 3 shards (2 written, 1 kept)" "$W/exact.out"
     check "rerun after a shard that ends with a document (${src##*/})" $? "rc $rc, $n shards: $(cat "$W/exact.out")"
 done
+# --max-shards stops cleanly even when a bad line follows in the same chunk; the rerun reports it
+{ head -2 "$W/exact.jsonl"; echo '{"text": broken'; } > "$W/exact_bad.jsonl"
+rm -rf "$W/exact_bad"
+"$TOK" -o "$W/exact_bad" --prefix e --shard-tokens 100 --max-shards 1 "$W/exact_bad.jsonl" > "$W/exact_bad.out" 2>&1; rc=$?
+[ $rc -eq 0 ] && grep -q "stopped after 1 shards" "$W/exact_bad.out"
+check "--max-shards stops before a bad line in the same chunk" $? "rc $rc: $(cat "$W/exact_bad.out")"
+"$TOK" -o "$W/exact_bad" --prefix e --shard-tokens 100 "$W/exact_bad.jsonl" > "$W/exact_bad.out" 2>&1; rc=$?
+[ $rc -ne 0 ] && grep -q "exact_bad.jsonl:3: invalid JSON" "$W/exact_bad.out" && [ "$(ls "$W/exact_bad" | grep -c '\.bin$')" = 2 ]
+check "the rerun writes the complete shard before the bad line, then refuses it" $? "rc $rc: $(cat "$W/exact_bad.out")"
 
 # bad input: message, non-zero exit, nothing written or overwritten
 "$TOK" -o "$W/bad" --prefix tiny "$C/same.txt" "$C/bad.jsonl" > /dev/null 2> "$W/bad.err"; rc=$?

@@ -9,13 +9,13 @@
 // followed by its tokens, and the stream is cut into shards of exactly --shard-tokens tokens (the
 // last one shorter): shard 0 is OUTDIR/PREFIX_val_000000.bin, shard k >= 1 is PREFIX_train_%06d.bin.
 //
-// Pipeline: one reader thread cuts the inputs into chunks of ~CHUNK_BYTES (whole JSONL lines, whole
-// files) in a ring of slots; --threads workers take the chunks in turn and parse and tokenize them,
-// each document into the chunk's own token buffer; the main thread takes the chunks in order and
-// appends their tokens to the shard file being written. Every buffer belongs to a slot or a worker
-// and is reused, so there is no allocation per document and nothing serial but cheap copies; the
-// order of the stream is the order of the chunks, so the shards are byte-identical for every
-// thread count. A JSONL line is read by a small validating JSON parser that decodes only the
+// Pipeline: the inputs are cut into chunks of ~CHUNK_BYTES (whole JSONL lines, whole files) held in
+// a ring of slots. Each of the --threads workers reads the next chunk (one at a time), parses and
+// tokenizes it, each document into the chunk's own token buffer, and then appends every chunk that
+// is next in order to the shard file being written (one worker at a time). Every buffer belongs to
+// a slot or a worker and is reused, so there is no allocation per document, and the only serial
+// work is reading and copying; the order of the stream is the order of the chunks, so the shards
+// are byte-identical for every thread count. A JSONL line is read by a small validating JSON parser that decodes only the
 // top-level "text" into the worker's buffer (cJSON would build a tree per line).
 //
 // Interruption and reruns: OUTDIR/PREFIX.tokenize.json (the manifest, replaced atomically) records
@@ -47,7 +47,7 @@
 
 #define CHUNK_BYTES (64u << 10)     // input per work item: ~1.5 ms of one core; small, because every
                                     // buffer page touched the first time costs a page fault
-#define SLOTS_PER_THREAD 4          // chunks in flight per worker: room for uneven chunk times
+#define SLOTS_PER_THREAD 2          // chunks per worker in the ring: room for uneven chunk times
 #define SYNC_BYTES (4u << 20)       // start writeback of a shard every 4 MiB, so that its fsync is short
 #define JSON_MAX_DEPTH 1000         // nesting limit of the JSONL parser (cJSON's)
 #define MANIFEST_VERSION 1          // bump when the same inputs and settings could give other shards
@@ -71,7 +71,7 @@ static void usage(FILE *f) {
 "  --prefix NAME        shard names NAME_val_000000.bin, NAME_train_000001.bin, ...\n"
 "                       (default: the output directory's name)\n"
 "  --shard-tokens N     tokens per shard (default 100000000); shard 0 is validation\n"
-"  --threads N          tokenizer threads (default: all cores); output is identical for any N\n"
+"  --threads N          threads (default: all cores); the output is identical for any N\n"
 "  --ranks PATH         GPT-2 ranks file (default data/gpt2.tiktoken)\n"
 "  --force              start over: overwrite this prefix's shards (and remove stale higher ones)\n"
 "  --resume             the plain rerun, except that a finished output is not an error\n"
@@ -394,7 +394,7 @@ typedef struct {
     size_t tok_end;     // chunk tokens up to and including this document's
 } DocMark;
 
-enum { SLOT_FREE, SLOT_READ, SLOT_BUSY, SLOT_DONE };
+enum { SLOT_FREE, SLOT_BUSY, SLOT_DONE };   // BUSY: being read and tokenized by a worker
 
 typedef struct {
     int state;
@@ -604,86 +604,6 @@ static void encode_chunk(const Tokenizer *tok, Chunk *c, WorkerBufs *w) {
 }
 
 // ----------------------------------------------------------------------------
-// the pipeline: a ring of chunk slots, one reader, n workers, the writer (the main thread)
-
-typedef struct {
-    Chunk *slots;
-    int nslots;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;           // every state change is broadcast: a few hundred per second at most
-    long next_read, next_encode, next_write;   // chunk sequence numbers
-    int read_done, stop;
-    Reader rd;
-    const Tokenizer *tok;        // set before the workers start
-} Pipeline;
-
-static Chunk *slot_of(Pipeline *pl, long seq) { return &pl->slots[seq % pl->nslots]; }
-
-static void *reader_main(void *arg) {
-    Pipeline *pl = arg;
-    for (;;) {
-        pthread_mutex_lock(&pl->mu);
-        while (!pl->stop && slot_of(pl, pl->next_read)->state != SLOT_FREE) pthread_cond_wait(&pl->cv, &pl->mu);
-        int stop = pl->stop;
-        pthread_mutex_unlock(&pl->mu);
-        if (stop) return NULL;
-        Chunk *c = slot_of(pl, pl->next_read);
-        c->len = 0; c->npieces = 0; c->ntok = 0; c->ndocs = 0; c->bytes = 0; c->err = 0;
-        int more = reader_fill(&pl->rd, c);
-        c->read_err = more < 0;
-        pthread_mutex_lock(&pl->mu);
-        c->state = SLOT_READ;
-        pl->next_read++;
-        if (more <= 0) pl->read_done = 1;
-        pthread_cond_broadcast(&pl->cv);
-        pthread_mutex_unlock(&pl->mu);
-        if (more <= 0) return NULL;
-    }
-}
-
-static void *worker_main(void *arg) {
-    Pipeline *pl = arg;
-    WorkerBufs w = {0};
-    for (;;) {
-        pthread_mutex_lock(&pl->mu);
-        while (!pl->stop && pl->next_encode == pl->next_read && !pl->read_done) pthread_cond_wait(&pl->cv, &pl->mu);
-        if (pl->stop || pl->next_encode == pl->next_read) { pthread_mutex_unlock(&pl->mu); break; }
-        Chunk *c = slot_of(pl, pl->next_encode++);
-        c->state = SLOT_BUSY;
-        pthread_mutex_unlock(&pl->mu);
-        encode_chunk(pl->tok, c, &w);
-        pthread_mutex_lock(&pl->mu);
-        c->state = SLOT_DONE;
-        pthread_cond_broadcast(&pl->cv);
-        pthread_mutex_unlock(&pl->mu);
-    }
-    tokenbuf_free(&w.ids);
-    free(w.text.data);
-    free(w.key.data);
-    return NULL;
-}
-
-// the next chunk in order once it is tokenized, NULL after the last one
-static Chunk *pipeline_next(Pipeline *pl) {
-    pthread_mutex_lock(&pl->mu);
-    Chunk *c;
-    while ((c = slot_of(pl, pl->next_write))->state != SLOT_DONE && !(pl->read_done && pl->next_write == pl->next_read))
-        pthread_cond_wait(&pl->cv, &pl->mu);
-    if (pl->next_write == pl->next_read) c = NULL;
-    pthread_mutex_unlock(&pl->mu);
-    return c;
-}
-
-static void pipeline_release(Pipeline *pl, Chunk *c) {
-    chunk_trim(c);
-    pthread_mutex_lock(&pl->mu);
-    c->state = SLOT_FREE;
-    pl->next_write++;
-    pthread_cond_broadcast(&pl->cv);
-    pthread_mutex_unlock(&pl->mu);
-}
-
-// ----------------------------------------------------------------------------
 // the manifest: OUTDIR/PREFIX.tokenize.json
 
 // Where shard k starts: the document holding its first token, and how many of that document's
@@ -802,6 +722,7 @@ static int manifest_read(Manifest *m, const char *path, char *err, size_t errlen
 typedef struct {
     const char *outdir, *prefix, *manifest_path;
     Manifest *m;                 // updated after each shard
+    int recorded;                // the manifest exists (a new run writes it before its first shard)
     size_t cap;                  // tokens per shard
     int max_shards;              // 0: no limit
     int fd;                      // the open shard's tmp file, -1 if none
@@ -828,6 +749,8 @@ static int write_all(int fd, const void *data, size_t n) {
 }
 
 static int shard_open(Shards *sh, char *err, size_t errlen) {
+    if (!sh->recorded && manifest_write(sh->m, sh->manifest_path, sh->outdir, err, errlen) != 0) return -1;
+    sh->recorded = 1;
     char tmp[4200];
     shard_path(sh, sh->m->shards, tmp, sizeof(tmp), ".tmp");
     static const int32_t zero[SHARD_HEADER_INTS];   // the count is written when the shard is complete
@@ -991,6 +914,137 @@ static void progress(double t0, size_t docs, size_t toks, size_t bytes, size_t d
     fprintf(stderr, "%s[%s] %5.1f%% %s docs (%s/s) %s tok (%s/s) ETA %dm%02ds%s", tty ? "\r\033[K" : "",
             bar, 100 * frac, human((double)docs, a), human(docs / (dt > 0 ? dt : 1), b), human((double)toks, c),
             human(toks / (dt > 0 ? dt : 1), d), (int)eta / 60, (int)eta % 60, tty && !final ? "" : "\n");
+}
+
+// ----------------------------------------------------------------------------
+// the pipeline: a ring of chunk slots and n workers. A worker takes the next chunk of input (reading
+// it under read_mu), tokenizes it, and then, if no other worker holds the writer role (write_mu),
+// appends every chunk that is next in order and tokenized to the shards. Reading and writing are
+// cheap next to tokenizing, so no thread of their own competes with the workers for the cores, and
+// --threads N means N threads.
+
+// The writer role's state: chunks in order -> shards.
+typedef struct {
+    Shards sh;
+    const Sources *srcs;
+    long *line_base;               // (npieces,) of the chunk: lines of its source before each piece
+    size_t line_cap;
+    long long line_src, line;      // the JSONL source being read, and its lines before the next piece
+    size_t docs, toks, bytes;      // this run's (progress)
+    size_t done_before, total;     // input bytes before the resume point, and in all
+    double t0;
+    int status;                    // 1: an error stopped the run (printed)
+} Writer;
+
+// Append chunk c to the shards. 0, or -1 when the run stops here: an error (printed, status set)
+// or --max-shards (sh.paused).
+static int writer_take(Writer *w, const Chunk *c) {
+    char err[8192];
+    reserve(&w->line_base, &w->line_cap, (size_t)c->npieces + 1, sizeof(long));
+    for (int k = 0; k < c->npieces; k++) {
+        if (c->pieces[k].src != w->line_src) { w->line_src = c->pieces[k].src; w->line = 0; }
+        w->line_base[k] = (long)w->line;
+        w->line += c->pieces[k].nlines;
+    }
+    size_t ndocs = c->ndocs, ntok = ndocs ? c->docs[ndocs - 1].tok_end : 0;
+    const char *path = c->err ? w->srcs->v[c->pieces[c->err_piece].src].path : NULL;
+    if (shards_append(&w->sh, c, ntok, ndocs, w->line_base, err, sizeof(err)) != 0) {
+        fprintf(stderr, "\ntokenize: %s\n", err); w->status = 1;
+    } else if (w->sh.paused) {
+        // --max-shards: the run stops before the rest of this chunk, bad or not
+    } else if (c->err && c->err_line < 0) {
+        fprintf(stderr, "\ntokenize: %s: %s\n", path, c->msg); w->status = 1;
+    } else if (c->err) {
+        fprintf(stderr, "\ntokenize: %s:%ld: %s\n", path, w->line_base[c->err_piece] + c->err_line + 1, c->msg);
+        w->status = 1;
+    } else if (c->read_err) {
+        fprintf(stderr, "\ntokenize: %s\n", c->read_msg); w->status = 1;
+    }
+    w->docs += ndocs; w->toks += ntok; w->bytes += c->bytes;
+    if (w->status || w->sh.paused) return -1;
+    progress(w->t0, w->docs, w->toks, w->bytes, w->done_before, w->total, 0);
+    return 0;
+}
+
+typedef struct {
+    Chunk *slots;
+    int nslots;
+    pthread_mutex_t read_mu;     // the reader, next_read, read_done
+    pthread_mutex_t write_mu;    // the writer role: writer, next_write's chunk
+    pthread_mutex_t mu;          // slot states, next_write, stop
+    pthread_cond_t freed;        // a slot became free, or stop
+    long next_read, next_write;  // chunk sequence numbers
+    int read_done, stop;
+    Reader rd;
+    Writer *writer;
+    const Tokenizer *tok;
+} Pipeline;
+
+static Chunk *slot_of(Pipeline *pl, long seq) { return &pl->slots[seq % pl->nslots]; }
+
+static int next_is_done(Pipeline *pl) {
+    pthread_mutex_lock(&pl->mu);
+    int ready = !pl->stop && slot_of(pl, pl->next_write)->state == SLOT_DONE;
+    pthread_mutex_unlock(&pl->mu);
+    return ready;
+}
+
+// Take the writer role if it is free and write what is ready. A chunk that becomes ready while
+// another worker holds the role is found by that worker when it looks again after letting go.
+static void write_ready(Pipeline *pl) {
+    while (next_is_done(pl) && pthread_mutex_trylock(&pl->write_mu) == 0) {
+        while (next_is_done(pl)) {
+            Chunk *c = slot_of(pl, pl->next_write);
+            int stop = writer_take(pl->writer, c) != 0;
+            chunk_trim(c);
+            pthread_mutex_lock(&pl->mu);
+            c->state = SLOT_FREE;
+            pl->next_write++;
+            pl->stop |= stop;
+            pthread_cond_broadcast(&pl->freed);
+            pthread_mutex_unlock(&pl->mu);
+        }
+        pthread_mutex_unlock(&pl->write_mu);
+    }
+}
+
+// the next chunk of input read into its slot (waiting for the slot to be free); NULL at the end
+static Chunk *read_next(Pipeline *pl) {
+    pthread_mutex_lock(&pl->read_mu);
+    Chunk *c = pl->read_done ? NULL : slot_of(pl, pl->next_read);
+    if (c) {
+        pthread_mutex_lock(&pl->mu);
+        while (!pl->stop && c->state != SLOT_FREE) pthread_cond_wait(&pl->freed, &pl->mu);
+        if (pl->stop) c = NULL;
+        else c->state = SLOT_BUSY;
+        pthread_mutex_unlock(&pl->mu);
+    }
+    if (c) {
+        c->len = 0; c->npieces = 0; c->ntok = 0; c->ndocs = 0; c->bytes = 0; c->err = 0;
+        int more = reader_fill(&pl->rd, c);
+        c->read_err = more < 0;
+        pl->next_read++;
+        pl->read_done = more <= 0;
+    }
+    pthread_mutex_unlock(&pl->read_mu);
+    return c;
+}
+
+static void *worker_main(void *arg) {
+    Pipeline *pl = arg;
+    WorkerBufs w = {0};
+    Chunk *c;
+    while ((c = read_next(pl))) {
+        encode_chunk(pl->tok, c, &w);
+        pthread_mutex_lock(&pl->mu);
+        c->state = SLOT_DONE;
+        pthread_mutex_unlock(&pl->mu);
+        write_ready(pl);
+    }
+    tokenbuf_free(&w.ids);
+    free(w.text.data);
+    free(w.key.data);
+    return NULL;
 }
 
 // ----------------------------------------------------------------------------
@@ -1159,100 +1213,60 @@ int main(int argc, char **argv) {
         return 1;
     }
 
-    // The reader starts first (it does not need the tokenizer), so that loading the ranks overlaps it.
-    Pipeline pl = {.nslots = SLOTS_PER_THREAD * (int)threads + 2};
-    pl.slots = calloc((size_t)pl.nslots, sizeof(Chunk));
-    pthread_mutex_init(&pl.mu, NULL);
-    pthread_cond_init(&pl.cv, NULL);
-    pl.rd = (Reader){.srcs = &srcs, .src = (size_t)m.next.src, .fd = -1, .stdin_text = stdin_text, .stdin_len = stdin_len};
-    size_t done_before = 0;   // input bytes before the resume point
-    for (long long k = 0; k < m.next.src; k++) done_before += srcs.v[k].size;
-    done_before += (size_t)m.next.offset;
-    if (m.next.offset && reader_open(&pl.rd, err, sizeof(err), (size_t)m.next.offset) != 0) {
-        fprintf(stderr, "tokenize: %s\n", err); return 1;
-    }
-    pthread_t reader, *workers = malloc(sizeof(pthread_t) * (size_t)threads);
-    pthread_create(&reader, NULL, reader_main, &pl);
-
     static Tokenizer tok;
-    int status = 0;
-    if (tokenizer_load(&tok, ranks, err, sizeof(err)) != 0) { fprintf(stderr, "tokenize: %s\n", err); status = 1; }
-    pl.tok = &tok;
-    long nworkers = status == 0 ? threads : 0;
-    for (long t = 0; t < nworkers; t++) pthread_create(&workers[t], NULL, worker_main, &pl);
-    if (status == 0)
-        fprintf(stderr, "tokenize: %zu input file%s (%.1f MB), %ld thread%s, shards of %ld tokens -> %s/%s_*.bin%s\n",
-                srcs.n, srcs.n > 1 ? "s" : "", total_bytes / 1e6, threads, threads > 1 ? "s" : "", shard_tokens,
-                outdir, prefix, continuing ? " (continuing)" : "");
-    // a new run is recorded before its first shard (while the workers already start on the input)
-    if (status == 0 && !continuing && manifest_write(&m, manifest_path, outdir, err, sizeof(err)) != 0) {
-        fprintf(stderr, "tokenize: %s\n", err); status = 1;
-    }
+    if (tokenizer_load(&tok, ranks, err, sizeof(err)) != 0) { fprintf(stderr, "tokenize: %s\n", err); return 1; }
+    fprintf(stderr, "tokenize: %zu input file%s (%.1f MB), %ld thread%s, shards of %ld tokens -> %s/%s_*.bin%s\n",
+            srcs.n, srcs.n > 1 ? "s" : "", total_bytes / 1e6, threads, threads > 1 ? "s" : "", shard_tokens,
+            outdir, prefix, continuing ? " (continuing)" : "");
     if (continuing)
         fprintf(stderr, "tokenize: continuing the unfinished run: %lld complete shard%s kept, from %s byte %lld\n",
                 m.shards, m.shards == 1 ? "" : "s", srcs.v[m.next.src].path, m.next.offset);
-
-    // the writer: chunks in order -> shards
-    Shards sh = {.outdir = outdir, .prefix = prefix, .manifest_path = manifest_path, .m = &m,
-                 .cap = (size_t)shard_tokens, .max_shards = (int)max_shards, .fd = -1, .kept = (size_t)m.shards};
+    Writer wr = {.sh = {.outdir = outdir, .prefix = prefix, .manifest_path = manifest_path, .m = &m,
+                        .cap = (size_t)shard_tokens, .max_shards = (int)max_shards, .fd = -1, .kept = (size_t)m.shards,
+                        .recorded = continuing},
+                 .srcs = &srcs, .line_src = m.next.src, .line = m.next.line, .total = total_bytes, .t0 = now_s()};
+    Shards *sh = &wr.sh;
     if (continuing) {   // the stream restarts at the first token of the document holding the cut
-        sh.stream = m.tokens - m.next.skip;
-        sh.docs = m.docs - (m.next.skip > 0);
+        sh->stream = m.tokens - m.next.skip;
+        sh->docs = m.docs - (m.next.skip > 0);
     }
-    long *line_base = NULL;
-    size_t line_cap = 0, docs = 0, toks = 0, bytes = 0;
-    long long line_src = m.next.src, line = m.next.line;   // lines of the JSONL source being read before its next piece
-    double t0 = now_s();
-    Chunk *c;
-    while (status == 0 && (c = pipeline_next(&pl))) {
-        reserve(&line_base, &line_cap, (size_t)c->npieces + 1, sizeof(long));
-        for (int k = 0; k < c->npieces; k++) {
-            if (c->pieces[k].src != line_src) { line_src = c->pieces[k].src; line = 0; }
-            line_base[k] = (long)line;
-            line += c->pieces[k].nlines;
-        }
-        size_t ndocs = c->ndocs, ntok = ndocs ? c->docs[ndocs - 1].tok_end : 0;
-        if (shards_append(&sh, c, ntok, ndocs, line_base, err, sizeof(err)) != 0) {
-            fprintf(stderr, "\ntokenize: %s\n", err); status = 1;
-        } else if (c->err) {
-            if (c->err_line < 0) fprintf(stderr, "\ntokenize: %s: %s\n", srcs.v[c->pieces[c->err_piece].src].path, c->msg);
-            else fprintf(stderr, "\ntokenize: %s:%ld: %s\n", srcs.v[c->pieces[c->err_piece].src].path,
-                         line_base[c->err_piece] + c->err_line + 1, c->msg);
-            status = 1;
-        } else if (c->read_err) {
-            fprintf(stderr, "\ntokenize: %s\n", c->read_msg);
-            status = 1;
-        }
-        docs += ndocs; toks += ntok; bytes += c->bytes;
-        pipeline_release(&pl, c);
-        if (sh.paused) break;
-        if (status == 0) progress(t0, docs, toks, bytes, done_before, total_bytes, 0);
+    for (long long k = 0; k < m.next.src; k++) wr.done_before += srcs.v[k].size;
+    wr.done_before += (size_t)m.next.offset;
+    Pipeline pl = {.nslots = SLOTS_PER_THREAD * (int)threads + 2, .writer = &wr, .tok = &tok};
+    pl.slots = calloc((size_t)pl.nslots, sizeof(Chunk));
+    pthread_mutex_init(&pl.read_mu, NULL);
+    pthread_mutex_init(&pl.write_mu, NULL);
+    pthread_mutex_init(&pl.mu, NULL);
+    pthread_cond_init(&pl.freed, NULL);
+    pl.rd = (Reader){.srcs = &srcs, .src = (size_t)m.next.src, .fd = -1, .stdin_text = stdin_text, .stdin_len = stdin_len};
+    int status = 0;
+    if (m.next.offset && reader_open(&pl.rd, err, sizeof(err), (size_t)m.next.offset) != 0) {
+        fprintf(stderr, "tokenize: %s\n", err); status = 1;
     }
-    pthread_mutex_lock(&pl.mu);
-    pl.stop = 1;
-    pthread_cond_broadcast(&pl.cv);
-    pthread_mutex_unlock(&pl.mu);
-    pthread_join(reader, NULL);
+    pthread_t *workers = malloc(sizeof(pthread_t) * (size_t)threads);
+    long nworkers = status == 0 ? threads : 0;
+    for (long t = 0; t < nworkers; t++) pthread_create(&workers[t], NULL, worker_main, &pl);
     for (long t = 0; t < nworkers; t++) pthread_join(workers[t], NULL);
+    status |= wr.status;
 
-    if (status == 0 && !sh.paused) {   // finished: the last shard, or (the input ended with a full one) the manifest
-        m.docs = sh.docs;
+    if (status == 0 && !sh->paused) {   // finished: the last shard, or (the input ended with a full one) the manifest
+        m.docs = sh->docs;
         m.finished = 1;
-        if (sh.fd >= 0 ? shard_close(&sh, err, sizeof(err)) : manifest_write(&m, manifest_path, outdir, err, sizeof(err))) {
+        if (sh->fd >= 0 ? shard_close(sh, err, sizeof(err)) : manifest_write(&m, manifest_path, outdir, err, sizeof(err))) {
             fprintf(stderr, "tokenize: %s\n", err); status = 1;
         }
     }
-    if (status != 0 && sh.fd >= 0) {   // the partial shard is not kept
+    if (status != 0 && sh->fd >= 0) {   // the partial shard is not kept
         char tmp[4200];
-        shard_path(&sh, m.shards, tmp, sizeof(tmp), ".tmp");
-        close(sh.fd);
+        shard_path(sh, m.shards, tmp, sizeof(tmp), ".tmp");
+        close(sh->fd);
         unlink(tmp);
     }
-    if (status != 0 && m.shards == 0) unlink(manifest_path);   // nothing of this run is left
-    if (status == 0 && sh.paused) {
+    if (status != 0 && m.shards == 0 && sh->recorded) unlink(manifest_path);   // nothing of this run is left
+    if (status == 0 && sh->paused) {
         printf("stopped after %lld shards (--max-shards) in %s/%s_*.bin; rerun to continue\n", m.shards, outdir, prefix);
     } else if (status == 0) {
-        progress(t0, docs, toks, bytes, done_before, total_bytes, 1);
+        progress(wr.t0, wr.docs, wr.toks, wr.bytes, wr.done_before, wr.total, 1);
         // shards beyond this run's last one belong to an earlier, larger run
         for (size_t i = 0; i < nexisting; i++) {
             if (shard_index_of(existing[i], prefix) < m.shards) continue;
@@ -1261,9 +1275,9 @@ int main(int argc, char **argv) {
             if (m.force && unlink(path) == 0) fprintf(stderr, "tokenize: removed stale %s\n", path);
             else fprintf(stderr, "tokenize: warning: %s is not part of this run's output\n", path);
         }
-        double dt = now_s() - t0;
+        double dt = now_s() - wr.t0;
         printf("%lld documents, %lld tokens, %lld shards (%zu written, %zu kept) in %s/%s_*.bin; %.1f s, %.0f tokens/s\n",
-               m.docs, m.tokens, m.shards, sh.written, sh.kept, outdir, prefix, dt, toks / (dt > 0 ? dt : 1));
+               m.docs, m.tokens, m.shards, sh->written, sh->kept, outdir, prefix, dt, wr.toks / (dt > 0 ? dt : 1));
         if (m.shards == 1) fprintf(stderr, "tokenize: warning: one shard only: no training shard (lower --shard-tokens)\n");
     }
 
@@ -1272,7 +1286,7 @@ int main(int argc, char **argv) {
         free(s->buf); free(s->pieces); free(s->tok); free(s->docs);
     }
     if (pl.rd.fd >= 0) close(pl.rd.fd);
-    free(pl.rd.carry); free(pl.slots); free(workers); free(line_base);
+    free(pl.rd.carry); free(pl.slots); free(workers); free(wr.line_base);
     for (size_t i = 0; i < nexisting; i++) free(existing[i]);
     free(existing);
     for (size_t i = 0; i < srcs.n; i++) free(srcs.v[i].path);
