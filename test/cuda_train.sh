@@ -7,73 +7,20 @@
 # the GPU (the logits tolerance of test_gpt2_cuda.cu) and in fp32 on the CPU.
 set -u
 cd "$(dirname "$0")/.."
-ok() { echo "ok - $1"; }
-fail() { echo "FAIL - $1: $2"; }
-expect() { if [ "$1" -eq 0 ]; then ok "$2"; else fail "$2" "$3"; fi; }
+. test/train_lib.sh
 for b in ./train_gpt2cu ./train_gpt2; do [ -x $b ] || { fail "$b built" "missing (make cuda all)"; exit 1; }; done
 VAL=data/tinyshakespeare/tiny_shakespeare_val.bin
 [ -f "$VAL" ] || { fail "data" "run make data first"; exit 1; }
 
 W=build/test/cuda_train; rm -rf "$W"; mkdir -p "$W"
-CFG=$W/tiny.json
-cat > "$CFG" <<JSON
-{"model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
- "schedule": {"type": "cosine", "warmup_steps": 3},
- "train": {"micro_batch": 4, "seq_len": 32, "batch_tokens": 256, "max_steps": 20, "seed": 7},
- "eval": {"every": 10, "batches": 2}, "sample": {"every": 10, "tokens": 8},
- "checkpoint": {"every": 10, "keep": 3}, "run": {"dir": "$W/run"}}
-JSON
-RUN=$W/run
-losses() { grep '"type": "train"' "$1/log.jsonl" | sed 's/.*"step": \([0-9]*\), "loss": \([-0-9.e]*\),.*/\1 \2/' | sort -n -u; }
-same_ckpt() { cmp -s "$1/model.safetensors" "$2/model.safetensors" && cmp -s "$1/state.safetensors" "$2/state.safetensors"; }
-evalloss() { sed -n 's/^eval .*: loss \([0-9.]*\) over.*/\1/p'; }
-
-# 1. straight 20 steps (2 accumulation micro-steps each)
-./train_gpt2cu "$CFG" > "$W/straight.out" 2>&1
-expect $? "20 straight steps run" "exit non-zero: $(tail -3 "$W/straight.out")"
-[ -d "$RUN/ckpt_00000010" ] && [ -d "$RUN/ckpt_00000020" ]
-expect $? "checkpoints at steps 10 and 20" "$(ls "$RUN")"
-grep -q "val loss" "$W/straight.out" && grep -q -- "--- sample at step 10" "$W/straight.out"
-expect $? "validation loss and samples printed" "missing in output"
-first=$(losses "$RUN" | head -1 | cut -d' ' -f2); last=$(losses "$RUN" | tail -1 | cut -d' ' -f2)
-awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a - 0.1) }'
-expect $? "the loss falls over 20 steps ($first -> $last)" "it does not"
-grep -q '"mfu": ' "$RUN/log.jsonl"
-expect $? "log records carry mfu" "missing"
-mv "$RUN" "$W/straight"
-
-# 2. stop after step 10 (ckpt_20 removed), resume for steps 11..20: bit-identical
-./train_gpt2cu "$CFG" > /dev/null 2>&1
-rm -rf "$RUN/ckpt_00000020"
-./train_gpt2cu --resume "$RUN" > "$W/resume.out" 2>&1
-expect $? "resume runs" "$(tail -3 "$W/resume.out")"
-same_ckpt "$W/straight/ckpt_00000020" "$RUN/ckpt_00000020"
-expect $? "10 + resume + 10 steps: parameters and AdamW state bit-identical to 20 straight" "files differ"
-diff <(losses "$W/straight") <(losses "$RUN") > "$W/loss.diff"
-expect $? "10 + resume + 10 steps: losses identical to 20 straight" "$(head -4 "$W/loss.diff")"
-rm -rf "$RUN"
-
+CFG=$W/tiny.json RUN=$W/run
+tiny_config "$CFG" "$RUN"
+# 1-2. 20 straight steps; stop after 10, --resume, 10 more: bit-identical
+check_straight_and_resume ./train_gpt2cu "$CFG" "$RUN" "$W"
 # 3. SIGINT writes a checkpoint; the resumed run ends bit-identical. A GPU step of this model takes
 # milliseconds, so this run also evaluates and samples 64 tokens at every step (neither touches the
 # model, the optimizer or the train loader) to leave time to interrupt it.
-./train_gpt2cu "$CFG" --set eval.every=1 --set sample.every=1 --set sample.tokens=64 > "$W/sigint.out" 2>&1 &
-pid=$!
-for _ in $(seq 600); do
-    n=$(grep -c '"type": "train"' "$RUN/log.jsonl" 2>/dev/null || true)
-    [ "${n:-0}" -ge 3 ] && break
-    sleep 0.05
-done
-kill -INT $pid; wait $pid; rc=$?
-expect $rc "SIGINT exits cleanly" "exit $rc"
-stopped=$(sed -n 's/.*stopped by signal 2 after step \([0-9]*\).*/\1/p' "$W/sigint.out")
-if [ -n "$stopped" ] && [ -d "$RUN/ckpt_$(printf %08d "$stopped")" ]; then
-    ok "SIGINT wrote a checkpoint at step $stopped"
-else
-    fail "SIGINT wrote a checkpoint" "$(tail -3 "$W/sigint.out"; ls "$RUN")"
-fi
-./train_gpt2cu --resume "$RUN" > "$W/sigint_resume.out" 2>&1
-same_ckpt "$W/straight/ckpt_00000020" "$RUN/ckpt_00000020"
-expect $? "after SIGINT and resume: bit-identical to 20 straight" "files differ"
+check_sigint ./train_gpt2cu "$CFG" "$RUN" "$W" --set eval.every=1 --set sample.every=1 --set sample.tokens=64
 
 # 4. checkpoints shared with the CPU trainer
 g=$(./train_gpt2cu --resume "$W/straight" --eval "$VAL" 2>&1 | evalloss)

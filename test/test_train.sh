@@ -1,72 +1,19 @@
 #!/usr/bin/env bash
 # The trainer as a user runs it: exact resume (20 steps straight = 10, resume, 10), SIGINT writes a
 # checkpoint and the resumed run ends bit-identical, refusals of damaged checkpoints, --eval, --help.
-# Bit-identical means: the same bytes in model.safetensors and state.safetensors, and the same losses.
 set -u
 cd "$(dirname "$0")/.."
-ok() { echo "ok - $1"; }
-fail() { echo "FAIL - $1: $2"; }
-expect() { if [ "$1" -eq 0 ]; then ok "$2"; else fail "$2" "$3"; fi; }
+. test/train_lib.sh
 [ -x ./train_gpt2 ] || { fail "train_gpt2 built" "./train_gpt2 missing (run make first)"; exit 1; }
 [ -f data/tinyshakespeare/tiny_shakespeare_train.bin ] || { fail "data" "run make data first"; exit 1; }
 
 W=build/test/train; rm -rf "$W"; mkdir -p "$W"
-CFG=$W/tiny.json
-cat > "$CFG" <<JSON
-{"model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
- "schedule": {"type": "cosine", "warmup_steps": 3},
- "train": {"micro_batch": 4, "seq_len": 32, "batch_tokens": 256, "max_steps": 20, "seed": 7},
- "eval": {"every": 10, "batches": 2}, "sample": {"every": 10, "tokens": 8},
- "checkpoint": {"every": 10, "keep": 3}, "run": {"dir": "$W/run"}}
-JSON
-RUN=$W/run
-losses() { grep '"type": "train"' "$1/log.jsonl" | sed 's/.*"step": \([0-9]*\), "loss": \([-0-9.e]*\),.*/\1 \2/' | sort -n -u; }
-same_ckpt() { cmp -s "$1/model.safetensors" "$2/model.safetensors" && cmp -s "$1/state.safetensors" "$2/state.safetensors"; }
-
-# 1. straight 20 steps
-./train_gpt2 "$CFG" > "$W/straight.out" 2>&1
-expect $? "20 straight steps run" "exit non-zero: $(tail -3 "$W/straight.out")"
-[ -d "$RUN/ckpt_00000010" ] && [ -d "$RUN/ckpt_00000020" ]
-expect $? "checkpoints at steps 10 and 20" "$(ls "$RUN")"
-grep -q "val loss" "$W/straight.out" && grep -q -- "--- sample at step 10" "$W/straight.out"
-expect $? "validation loss and samples printed" "missing in output"
-mv "$RUN" "$W/straight"
-
-# 2. the run stops after step 10 (its ckpt_20 removed), then --resume does steps 11..20
-./train_gpt2 "$CFG" > /dev/null 2>&1
-rm -rf "$RUN/ckpt_00000020"
-./train_gpt2 --resume "$RUN" > "$W/resume.out" 2>&1
-expect $? "resume runs" "$(tail -3 "$W/resume.out")"
-grep -q "resuming from $RUN/ckpt_00000010 (step 10" "$W/resume.out"
-expect $? "resume starts from the newest checkpoint" "$(head -3 "$W/resume.out")"
-same_ckpt "$W/straight/ckpt_00000020" "$RUN/ckpt_00000020"
-expect $? "10 + resume + 10 steps: parameters and AdamW state bit-identical to 20 straight" "files differ"
-diff <(losses "$W/straight") <(losses "$RUN") > "$W/loss.diff"
-expect $? "10 + resume + 10 steps: losses identical to 20 straight" "$(head -4 "$W/loss.diff")"
-n=$(grep -c '"type": "train"' "$RUN/log.jsonl"); u=$(losses "$RUN" | wc -l)
-[ "$n" -eq 20 ] && [ "$u" -eq 20 ]
-expect $? "the resumed log holds each of the 20 steps once (records after the checkpoint dropped)" "$n records, $u steps"
-rm -rf "$RUN"
-
+CFG=$W/tiny.json RUN=$W/run
+tiny_config "$CFG" "$RUN"
+# 1-2. 20 straight steps; stop after 10, --resume, 10 more: bit-identical
+check_straight_and_resume ./train_gpt2 "$CFG" "$RUN" "$W"
 # 3. SIGINT mid-run writes a checkpoint and exits 0; the resumed run ends bit-identical
-./train_gpt2 "$CFG" --set train.max_steps=20 > "$W/sigint.out" 2>&1 &
-pid=$!
-for _ in $(seq 600); do
-    n=$(grep -c '"type": "train"' "$RUN/log.jsonl" 2>/dev/null || true)
-    [ "${n:-0}" -ge 3 ] && break
-    sleep 0.05
-done
-kill -INT $pid; wait $pid; rc=$?
-expect $rc "SIGINT exits cleanly" "exit $rc"
-stopped=$(sed -n 's/.*stopped by signal 2 after step \([0-9]*\).*/\1/p' "$W/sigint.out")
-if [ -n "$stopped" ] && [ -d "$RUN/ckpt_$(printf %08d "$stopped")" ]; then
-    ok "SIGINT wrote a checkpoint at step $stopped"
-else
-    fail "SIGINT wrote a checkpoint" "$(tail -3 "$W/sigint.out"; ls "$RUN")"
-fi
-./train_gpt2 --resume "$RUN" > "$W/sigint_resume.out" 2>&1
-same_ckpt "$W/straight/ckpt_00000020" "$RUN/ckpt_00000020"
-expect $? "after SIGINT at step $stopped and resume: bit-identical to 20 straight" "files differ"
+check_sigint ./train_gpt2 "$CFG" "$RUN" "$W"
 
 # 4. refusals
 out=$(./train_gpt2 "$CFG" 2>&1); rc=$?
