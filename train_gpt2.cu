@@ -112,7 +112,7 @@ typedef struct {
     bf16 *ln1; float *ln1_mean, *ln1_rstd;  // (L,B,T,C), (L,B,T) x2
     bf16 *qkv;                        // (L,B,T,3C)
     bf16 *qkvn; float *qk_mean, *qk_rstd;   // qk_norm only: (L,B,T,3C) attention's input, (L,B,T,2,NH) x2
-    bf16 *att;                        // (L,B,NH,T,T) softmax rows
+    float *lse;                       // (L,B,NH,T) attention's softmax log-sum-exp per query, for backward
     bf16 *atty;                       // (L,B,T,C) attention output, input of attn_proj
     bf16 *res2;                       // (L,B,T,C) residual stream after attention
     bf16 *ln2; float *ln2_mean, *ln2_rstd;  // (L,B,T,C), (L,B,T) x2
@@ -132,7 +132,7 @@ typedef struct {
     char *lin_scratch;                // the structured layers' temporaries (the largest need)
     bf16 *dweff;                      // rms_cap: dL/dW_eff of one layer's cores
     float *rms_partial;               // rms_cap's partial sums (RMS_BLOCKS)
-    AttentionScratch attn;
+    float *attn_scratch;              // attention backward's D = rowsum(datty * atty) (B,NH,T)
 } Activations;
 
 typedef struct {
@@ -276,6 +276,7 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
     int Vp = m->Vp = cfg->model.padded_vocab_size;
     m->maxT = cfg->model.block_size;
     int NH = m->NH, hs = C / NH, qk = cfg->model.qk_norm;
+    attention_check_head_size(hs);
     m->attn_scale = strcmp(cfg->model.attn_scale, "mup") == 0 ? 8.0f / hs : 1.0f / sqrtf((float)hs);
     Structure st[NUM_LINEAR];
     char err[ERRLEN];
@@ -349,7 +350,7 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
     // rounded up to 256 bytes so each buffer is aligned for cuBLAS and vector loads
     m->Bmax = Bmax;
     m->Tmax = Tmax;
-    size_t att = (size_t)Bmax * NH * Tmax * Tmax, qkn = qk ? 1 : 0;
+    size_t qkn = qk ? 1 : 0;
     Activations *a = &m->acts;
     struct { void **p; size_t bytes; } table[] = {
         {(void **)&a->encoded, BT * C * 2},
@@ -357,7 +358,7 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
         {(void **)&a->qkv, L * BT * 3 * C * 2},
         {(void **)&a->qkvn, qkn * L * BT * 3 * C * 2}, {(void **)&a->qk_mean, qkn * L * BT * 2 * NH * 4},
         {(void **)&a->qk_rstd, qkn * L * BT * 2 * NH * 4},
-        {(void **)&a->att, L * att * 2}, {(void **)&a->atty, L * BT * C * 2},
+        {(void **)&a->lse, L * BT * NH * 4}, {(void **)&a->atty, L * BT * C * 2},
         {(void **)&a->res2, L * BT * C * 2},
         {(void **)&a->ln2, L * BT * C * 2}, {(void **)&a->ln2_mean, L * BT * 4}, {(void **)&a->ln2_rstd, L * BT * 4},
         {(void **)&a->fch, L * BT * 4 * C * 2}, {(void **)&a->fch_gelu, L * BT * 4 * C * 2},
@@ -372,10 +373,7 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
         {(void **)&a->tokens, (5 * BT + 2) * 4},
         {(void **)&a->lin_saved, saved}, {(void **)&a->lin_scratch, scratch}, {(void **)&a->dweff, dweff * 2},
         {(void **)&a->rms_partial, RMS_BLOCKS * 4},
-        {(void **)&a->attn.q, BT * C * 2}, {(void **)&a->attn.k, BT * C * 2}, {(void **)&a->attn.v, BT * C * 2},
-        {(void **)&a->attn.y, BT * C * 2}, {(void **)&a->attn.dq, BT * C * 2}, {(void **)&a->attn.dk, BT * C * 2},
-        {(void **)&a->attn.dv, BT * C * 2}, {(void **)&a->attn.dy, BT * C * 2},
-        {(void **)&a->attn.scores, att * 4}, {(void **)&a->attn.dpreatt, att * 2},
+        {(void **)&a->attn_scratch, attention_scratch_floats(Bmax, Tmax, NH) * 4},
     };
     size_t total = 0, n = sizeof table / sizeof table[0];
     for (size_t i = 0; i < n; i++) total += (table[i].bytes + 255) / 256 * 256;
@@ -594,14 +592,14 @@ static void linear_backward(GPT2 *m, const Linear *lin, bf16 *dinp, const bf16 *
 
 // Per-layer activation pointers for the current (B, T): layer l's slice of each (L, ...) buffer.
 typedef struct { bf16 *ln1; float *ln1_mean, *ln1_rstd; bf16 *qkv, *qkvn; float *qk_mean, *qk_rstd;
-                 bf16 *att, *atty, *res2, *ln2; float *ln2_mean, *ln2_rstd; bf16 *fch, *fch_gelu, *res3; } LayerActs;
+                 float *lse; bf16 *atty, *res2, *ln2; float *ln2_mean, *ln2_rstd; bf16 *fch, *fch_gelu, *res3; } LayerActs;
 static LayerActs layer_acts(GPT2 *m, int l) {
     Activations *a = &m->acts;
     size_t BT = (size_t)m->B * m->T, C = m->C, qk = m->cfg.model.qk_norm ? 1 : 0;
     LayerActs la = {
         a->ln1 + l * BT * C, a->ln1_mean + l * BT, a->ln1_rstd + l * BT, a->qkv + l * BT * 3 * C,
         a->qkvn + qk * l * BT * 3 * C, a->qk_mean + qk * l * BT * 2 * m->NH, a->qk_rstd + qk * l * BT * 2 * m->NH,
-        a->att + l * (size_t)m->B * m->NH * m->T * m->T, a->atty + l * BT * C, a->res2 + l * BT * C,
+        a->lse + l * BT * m->NH, a->atty + l * BT * C, a->res2 + l * BT * C,
         a->ln2 + l * BT * C, a->ln2_mean + l * BT, a->ln2_rstd + l * BT,
         a->fch + l * BT * 4 * C, a->fch_gelu + l * BT * 4 * C, a->res3 + l * BT * C};
     return la;
@@ -649,7 +647,7 @@ static void gpt2_forward(GPT2 *m, const int *inputs, const int *targets, int B, 
                            PB(m, lp->kkb), N, C, m->NH, st);
             qkv = la.qkvn;
         }
-        attention_forward(la.atty, la.att, qkv, &a->attn, B, T, C, m->NH, m->attn_scale, st);
+        attention_forward(la.atty, la.lse, qkv, B, T, C, m->NH, m->attn_scale, st);
         linear_forward(m, &lp->lin[LIN_ATTN_PROJ], a->branch, la.atty, NULL, N);
         residual_layernorm_forward(la.res2, la.ln2, la.ln2_mean, la.ln2_rstd, x, a->branch, PB(m, lp->ln2w),
                                    PB(m, lp->ln2b), N, C, st);
@@ -721,11 +719,13 @@ static void gpt2_backward(GPT2 *m, float loss_scale) {
                            la.ln2_mean, la.ln2_rstd, N, C, st);
         linear_backward(m, &lp->lin[LIN_ATTN_PROJ], a->datty, a->dres, la.atty, NULL, N);
         if (lp->qkw >= 0) {
-            attention_backward(a->dqkvn, a->datty, la.qkvn, la.att, &a->attn, B, T, C, m->NH, m->attn_scale, st);
+            attention_backward(a->dqkvn, a->datty, la.qkvn, la.atty, la.lse, a->attn_scratch, B, T, C, m->NH,
+                               m->attn_scale, st);
             qknorm_backward(a->dqkv, GB(m, lp->qkw), GB(m, lp->qkb), GB(m, lp->kkw), GB(m, lp->kkb), cs, a->dqkvn, la.qkv,
                             PB(m, lp->qkw), PB(m, lp->kkw), la.qk_mean, la.qk_rstd, N, C, m->NH, st);
         } else {
-            attention_backward(a->dqkv, a->datty, la.qkv, la.att, &a->attn, B, T, C, m->NH, m->attn_scale, st);
+            attention_backward(a->dqkv, a->datty, la.qkv, la.atty, la.lse, a->attn_scratch, B, T, C, m->NH, m->attn_scale,
+                               st);
         }
         linear_backward(m, &lp->lin[LIN_ATTN_QKV], a->dln, a->dqkv, la.ln1, NULL, N);
         layernorm_backward(a->dres, GB(m, lp->ln1w), GB(m, lp->ln1b), cs, a->dln, x, PB(m, lp->ln1w),
@@ -772,7 +772,7 @@ static float gpt2_optimizer_step(GPT2 *m, int step, float *lr_out) {
 }
 
 // Training FLOPs per token, the CPU trainer's count: 6 per MAC of every matmul (the linear layers'
-// real MACs, llmc/structure.h) plus attention (q.k and att.v at full context, halved by the causal mask).
+// real MACs, llmc/structure.h) plus attention (q.k and P.v at full context, halved by the causal mask).
 static double gpt2_flops_per_token(const GPT2 *m, int T) {
     double macs = (double)m->Vp * m->C;
     for (int l = 0; l < m->L; l++)

@@ -27,28 +27,13 @@
 #include <stdint.h>
 #include "llmc/cuda_common.cuh"
 #include "llmc/structure.h"
+#include "llmc/mma.cuh"   // LAUNCH, dyn_smem, mma_bf16_16816
 #ifndef LLMC_CUDA_EMU
 #include "llmc/matmul.cuh"
-#define LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<(grid), (block), (smem), (stream)>>>
-__device__ __forceinline__ unsigned char *dyn_smem() {
-    extern __shared__ __align__(16) unsigned char dyn_smem_[];
-    return dyn_smem_;
-}
 #endif
 
 // ----------------------------------------------------------------------------------------------
 // Small device helpers
-
-// d (16x8 fp32) += a (16x16 bf16, row-major) b (16x8 bf16, k by n), one warp; fragment layout in dev/cuda/emu.h
-__device__ __forceinline__ void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-#ifdef LLMC_CUDA_EMU
-    emu_mma_16816(d, a, b, d);
-#else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
 
 __device__ __forceinline__ uint32_t bd_pack(bf16 lo, bf16 hi) {
     return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);

@@ -6,9 +6,10 @@
 #      off (-O0, ptxas -O0): this checks the code, it does not make binaries to run (make cuda does,
 #      with -O3, into other paths). The kernel programs of dev/cuda link the CPU references (cpu_ref.c).
 #   2. the structured-layer kernels (llmc/blockdiag.cuh, llmc/moe.cuh) run on the CPU emulation of
-#      dev/cuda/emu.h against llmc/blockdiag.h and llmc/moe.h (dev/cuda/emu_check.cpp, g++): their
-#      index math, tiling, permutations, gathers and determinism, checked without a GPU. Its ok/FAIL
-#      lines are passed through.
+#      dev/cuda/emu.h against llmc/blockdiag.h and llmc/moe.h, and the attention kernels
+#      (llmc/attention.cuh) against causal attention in double precision (dev/cuda/emu_check.cpp, g++):
+#      their index math, tiling, permutations, gathers, masks and determinism, checked without a GPU.
+#      Its ok/FAIL lines are passed through.
 set -u
 cd "$(dirname "$0")/.."
 if ! command -v nvcc > /dev/null; then

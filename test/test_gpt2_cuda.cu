@@ -9,12 +9,14 @@
 // Tolerances. Errors are max|gpu - cpu| / max|cpu| over a tensor (relative to its scale). bf16 keeps
 // 8 significant bits: each rounding of a parameter, an activation or a gradient is off by at most
 // u = 2^-9 ~ 2e-3 of its value. The fixture's model (2 layers) rounds each value along a path about
-// 20 times in forward (weights, LayerNorm, qkv, attention scores and probabilities, projections,
-// residuals, GELU, logits), and the errors add up like a random walk: ~sqrt(20) u ~ 1e-2.
+// 20 times in forward (weights, LayerNorm, qkv, attention probabilities (scores stay fp32; the flash
+// kernels round P to bf16 only as the operand of P v) and output, projections, residuals, GELU, logits),
+// and the errors add up like a random walk: ~sqrt(20) u ~ 1e-2.
 //   logits 2e-2: that estimate with a factor 2 of margin.
 //   loss 5e-3 relative: the mean over 128 tokens of log-sum-exp errors, which average out.
 //   gradients 5e-2: backward repeats the chain in reverse on bf16 gradients (twice the roundings,
-//     through the softmax, whose outputs are differences of nearly equal numbers) and the LM head
+//     through the softmax, whose gradient dS = P (dP - D) is a difference of nearly equal numbers,
+//     rounded to bf16 before the dq and dk products, D computed from the bf16 output) and the LM head
 //     and encoder sum over all tokens; 2.5x the logits' bound.
 //   10-step losses 2e-2 relative: Adam moves every parameter by about lr per step whatever the
 //     size of its gradient, so entries whose gradient is within bf16 noise of zero (the key slice

@@ -10,8 +10,10 @@
 // deadlock. No OS threads: the result is deterministic and does not depend on the machine's limits
 // on threads. Blocks run one after another. Shared memory is one static buffer, filled with 0xFF
 // bytes (bf16 NaN) before every block, so reading shared memory that the block did not write shows
-// up as NaN. Not emulated: memory ordering beyond barriers, races between blocks (blocks run one at
-// a time), cp.async, ldmatrix, wgmma (the kernels use none of them). Kernels are launched with
+// up as NaN. Not emulated here: memory ordering beyond barriers, races between blocks (blocks run
+// one at a time), wgmma (no kernel uses it). ldmatrix and cp.async are emulated in llmc/mma.cuh
+// (ldmatrix by exchanging the lanes' row pointers; cp.async as an immediate copy, so a missing wait
+// cannot show up here). Kernels are launched with
 // LAUNCH(grid, block, smem, stream, kernel)(args...), which is kernel<<<grid, block, smem, stream>>>
 // under nvcc.
 #ifndef DEV_CUDA_EMU_H

@@ -1,10 +1,12 @@
 // The structured-layer kernels (llmc/blockdiag.cuh, llmc/moe.cuh) run on the CPU emulation of
 // dev/cuda/emu.h against the CPU references (llmc/blockdiag.h, llmc/moe.h via dev/cuda/cpu_ref.c):
 // a check of their index math, tiling, permutations, gathers, groups and determinism that needs no GPU.
-// It does not show that the mma fragment layout matches the hardware (the emulation implements the PTX
-// ISA's description, as the kernels assume it) or anything about speed: dev/cuda/*.cu do that on a GPU.
-// Built and run by test/test_cuda_build.sh (g++ -std=c++20, no nvcc). Shapes are small: every block is
-// emulated with real threads. Prints ok/FAIL lines.
+// The flash attention kernels (llmc/attention.cuh) run against causal attention in double precision.
+// It does not show that the mma and ldmatrix fragment layouts match the hardware (the emulation
+// implements the PTX ISA's description, as the kernels assume it; ldmatrix is emulated in llmc/mma.cuh)
+// or anything about speed: dev/cuda/*.cu do that on a GPU.
+// Built and run by test/test_cuda_build.sh (g++ -std=c++20, no nvcc). Shapes are small: every thread of every
+// block is emulated (as a fiber). Prints ok/FAIL lines.
 //
 // Tolerances, relative to the largest reference value: inputs are the same bf16 values on both sides and
 // both accumulate in fp32, so one stage differs by its output's bf16 rounding (2^-9 relative; 5e-3
@@ -15,6 +17,7 @@
 #include <vector>
 #include "llmc/blockdiag.cuh"
 #include "llmc/moe.cuh"
+#include "llmc/attention.cuh"
 #include "dev/cuda/cpu_ref.h"
 
 static int failures = 0;
@@ -321,6 +324,111 @@ static void check_moe(const Structure *s, int N, int kernel, float daux) {
     bd_kernel_choice = BD_KERNEL_TC;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Attention (llmc/attention.cuh, flash-style) against causal attention in double precision.
+
+// out (B, T, C), lse (B, NH, T), dqkv (B, T, 3C) of causal softmax(scale q k^T) v, from qkv (B, T, 3C)
+// and dout (B, T, C); the definition, with the (T, T) probabilities of one head materialized.
+static void attention_ref(std::vector<float> &out, std::vector<float> &lse, std::vector<float> &dqkv,
+                          const std::vector<float> &qkv, const std::vector<float> &dout, int B, int T, int C, int NH,
+                          double scale) {
+    int hs = C / NH, C3 = 3 * C;
+    out.assign((size_t)B * T * C, 0.0f);
+    lse.assign((size_t)B * NH * T, 0.0f);
+    dqkv.assign((size_t)B * T * C3, 0.0f);
+    std::vector<double> P((size_t)T * T), dS((size_t)T * T);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++) {
+            auto q = [&](int t, int i) { return (double)qkv[((size_t)b * T + t) * C3 + h * hs + i]; };
+            auto k = [&](int t, int i) { return (double)qkv[((size_t)b * T + t) * C3 + C + h * hs + i]; };
+            auto v = [&](int t, int i) { return (double)qkv[((size_t)b * T + t) * C3 + 2 * C + h * hs + i]; };
+            auto d = [&](int t, int i) { return (double)dout[((size_t)b * T + t) * C + h * hs + i]; };
+            for (int t = 0; t < T; t++) {
+                double mx = -INFINITY, sum = 0.0;
+                for (int u = 0; u <= t; u++) {
+                    double s = 0.0;
+                    for (int i = 0; i < hs; i++) s += q(t, i) * k(u, i);
+                    P[(size_t)t * T + u] = scale * s;
+                    mx = fmax(mx, scale * s);
+                }
+                for (int u = 0; u <= t; u++) sum += exp(P[(size_t)t * T + u] - mx);
+                lse[((size_t)b * NH + h) * T + t] = (float)(mx + log(sum));
+                for (int u = 0; u <= t; u++) P[(size_t)t * T + u] = exp(P[(size_t)t * T + u] - mx) / sum;
+                for (int i = 0; i < hs; i++) {
+                    double o = 0.0;
+                    for (int u = 0; u <= t; u++) o += P[(size_t)t * T + u] * v(u, i);
+                    out[((size_t)b * T + t) * C + h * hs + i] = (float)o;
+                }
+                // dS = P (dP - sum_u P dP), dP = dout v^T
+                double dot = 0.0;
+                for (int u = 0; u <= t; u++) {
+                    double dp = 0.0;
+                    for (int i = 0; i < hs; i++) dp += d(t, i) * v(u, i);
+                    dS[(size_t)t * T + u] = dp;
+                    dot += P[(size_t)t * T + u] * dp;
+                }
+                for (int u = 0; u <= t; u++) dS[(size_t)t * T + u] = P[(size_t)t * T + u] * (dS[(size_t)t * T + u] - dot);
+            }
+            for (int t = 0; t < T; t++)
+                for (int i = 0; i < hs; i++) {
+                    double dq = 0.0, dk = 0.0, dv = 0.0;
+                    for (int u = 0; u <= t; u++) dq += dS[(size_t)t * T + u] * k(u, i);
+                    for (int u = t; u < T; u++) { dk += dS[(size_t)u * T + t] * q(u, i); dv += P[(size_t)u * T + t] * d(u, i); }
+                    float *g = &dqkv[((size_t)b * T + t) * C3 + h * hs + i];
+                    g[0] = (float)(scale * dq);
+                    g[C] = (float)(scale * dk);
+                    g[2 * C] = (float)dv;
+                }
+        }
+}
+
+// Tolerances, relative to the largest reference value: q, k, v, dout are the same bf16 values on both
+// sides. Forward rounds P to bf16 before P V and the output once, which alone may be off by up to 2^-8
+// of the largest value (3.9e-3): 1e-2; lse is fp32 throughout: 1e-5. dv = P^T dout has the same two
+// roundings: 1e-2. dq and dk also round dS = P (dP - D) to bf16 before their products, a difference
+// of nearly equal terms, with D from the bf16 output: 2e-2. Measured: 2e-3 to 5e-3 for all of them;
+// a causal mask off by one, or a query tile skipped, gives 0.3 to 50.
+static void check_attention(int B, int T, int NH, int hs, float in_scale) {
+    int C = NH * hs;
+    double scale = 1.0 / sqrt((double)hs);
+    char what[200], desc[120];
+    snprintf(desc, sizeof desc, "attention B=%d T=%d NH=%d hs=%d inputs +-%.1f", B, T, NH, hs, in_scale);
+    std::vector<bf16> qkv_, dout_;
+    std::vector<float> qkv = rand_bf16((size_t)B * T * 3 * C, in_scale, qkv_), dout = rand_bf16((size_t)B * T * C, 1.0f, dout_);
+    std::vector<float> rout, rlse, rdqkv;
+    attention_ref(rout, rlse, rdqkv, qkv, dout, B, T, C, NH, scale);
+
+    std::vector<bf16> out_((size_t)B * T * C);
+    std::vector<float> lse((size_t)B * NH * T), dsum(attention_scratch_floats(B, T, NH));
+    attention_forward(out_.data(), lse.data(), qkv_.data(), B, T, C, NH, (float)scale, main_stream);
+    snprintf(what, sizeof what, "%s: forward out", desc);
+    check(what, rel_err(to_float(out_), rout), 1e-2);
+    snprintf(what, sizeof what, "%s: forward lse", desc);
+    check(what, rel_err(lse, rlse), 1e-5);
+
+    // dqkv starts as NaN (0xFFFF): every entry must be written
+    std::vector<bf16> dqkv_((size_t)B * T * 3 * C), dqkv2_(dqkv_.size());
+    memset(dqkv_.data(), 0xFF, dqkv_.size() * sizeof(bf16));
+    attention_backward(dqkv_.data(), dout_.data(), qkv_.data(), out_.data(), lse.data(), dsum.data(), B, T, C, NH,
+                       (float)scale, main_stream);
+    std::vector<float> g = to_float(dqkv_);
+    const char *part[3] = {"dq", "dk", "dv"};
+    for (int p = 0; p < 3; p++) {
+        std::vector<float> a, r;
+        for (size_t row = 0; row < (size_t)B * T; row++)
+            for (int i = 0; i < C; i++) {
+                a.push_back(g[row * 3 * C + p * C + i]);
+                r.push_back(rdqkv[row * 3 * C + p * C + i]);
+            }
+        snprintf(what, sizeof what, "%s: backward %s", desc, part[p]);
+        check(what, rel_err(a, r), p == 2 ? 1e-2 : 2e-2);
+    }
+    attention_backward(dqkv2_.data(), dout_.data(), qkv_.data(), out_.data(), lse.data(), dsum.data(), B, T, C, NH,
+                       (float)scale, main_stream);
+    snprintf(what, sizeof what, "%s: backward is deterministic", desc);
+    check_true(what, !memcmp(dqkv_.data(), dqkv2_.data(), dqkv_.size() * sizeof(bf16)));
+}
+
 int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0);   // each check's line survives a crash later in the run
     TokenPermute none = {0, 1, 1};
@@ -357,6 +465,10 @@ int main(void) {
     check_moe(&moe_cases[1], 300, BD_KERNEL_NAIVE, 2.0f);
     check_rmscap(3000, 0.05f, 0.02f);
     check_rmscap(3000, 0.01f, 0.02f);
+    check_attention(2, 128, 2, 64, 1.0f);   // GPT-2's head size, T a multiple of the 64-row tiles
+    check_attention(1, 100, 2, 64, 3.0f);   // T not a multiple; larger scores (a peakier softmax)
+    check_attention(1, 80, 2, 128, 2.0f);   // hs 128: the dk/dv kernel's 32-query tiles
+    check_attention(1, 40, 2, 16, 1.0f);    // hs 16, the GPU test fixtures' head size
     printf("%d failure(s)\n", failures);
     return failures ? 1 : 0;
 }
