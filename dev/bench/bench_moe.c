@@ -7,9 +7,13 @@
 // The three run interleaved within each repetition, after WARMUP repetitions. Reported: the median time
 // of each, and each ratio as the median over repetitions of that repetition's ratio (paired, so that
 // load from other processes, which drifts slowly, mostly cancels).
+// Steady state: every buffer is allocated once per shape and first touched in the warm-up (first-touch
+// page faults, ~15 us each on this VM, are not timed); the minor page faults of the timed repetitions are
+// counted and printed per method, to show it.
 // Usage: build/bench/bench_moe [REPS [N [E [K [cpu]]]]]   defaults 7, 4096, 8, 2; "cpu": time with the
 //   process's CPU clock instead of the wall clock (meaningful with OMP_NUM_THREADS=1: a shared machine's
 //   load then costs waiting, not CPU time).
+#include <sys/resource.h>
 #include <time.h>
 #include "llmc/moe.h"
 
@@ -20,6 +24,11 @@ static double now_ms(void) {
     struct timespec t;
     clock_gettime(clock_id, &t);
     return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+}
+static long minor_faults(void) {
+    struct rusage u;
+    getrusage(RUSAGE_SELF, &u);
+    return u.ru_minflt;
 }
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -72,6 +81,7 @@ int main(int argc, char **argv) {
     printf("%-10s %-10s %11s %11s %11s %9s %9s %6s\n", "", "", "", "", "", "grouped", "k*BTT", "load");
     double *sum_t[3], *ra = malloc(reps * sizeof(double)), *rb = malloc(reps * sizeof(double));  // sums over the 4
     for (int i = 0; i < 3; i++) sum_t[i] = calloc(reps, sizeof(double));
+    long faults[3] = {0, 0, 0};  // minor page faults in the timed repetitions, per method
     uint64_t seed = 1337;
     for (int which = 0; which < NUM_LINEAR; which++) {
         Structure s, b;
@@ -94,19 +104,24 @@ int main(int argc, char **argv) {
         double *t[3];
         for (int i = 0; i < 3; i++) t[i] = malloc(reps * sizeof(double));
         for (int r = -WARMUP; r < reps; r++) {
+            long f0 = minor_faults();
             double t0 = now_ms();
             moe_forward(&s, y, x, W0, W1, G, 0.1f, saved, scratch, N, load);
             moe_backward(&s, dx, dW0, dW1, dG, dy, 0.01f, 0.1f, x, W0, W1, G, saved, scratch, N);
             double t1 = now_ms();
+            long f1 = minor_faults();
             moe_dense_masked_forward(&s, y, x, W0, W1, G, 0.1f, saved, scratch, N, NULL);
             moe_dense_masked_backward(&s, dx, dW0, dW1, dG, dy, 0.01f, 0.1f, x, W0, W1, G, saved, scratch, N);
             double t2 = now_ms();
+            long f2 = minor_faults();
             for (int j = 0; j < K; j++) {  // the rank-1 BTT's cores: the first floats of W0, W1
                 structured_forward(&b, y, x, W0, W1, saved, scratch, N);
                 structured_backward(&b, dx, dW0, dW1, dy, x, W0, W1, saved, scratch, N);
             }
             double t3 = now_ms();
+            long f3 = minor_faults();
             if (r < 0) continue;
+            faults[0] += f1 - f0; faults[1] += f2 - f1; faults[2] += f3 - f2;
             t[0][r] = t1 - t0; t[1][r] = t2 - t1; t[2][r] = t3 - t2;
             for (int i = 0; i < 3; i++) sum_t[i][r] += t[i][r];
             ra[r] = t[1][r] / t[0][r];
@@ -132,6 +147,8 @@ int main(int argc, char **argv) {
     printf("(a) masked / grouped = %.2f (target >= 0.6 E/k = %.2f): %s\n", mra, 0.6 * E / K, mra >= 0.6 * E / K ? "met" : "NOT met");
     printf("(b) grouped / (k x rank-1 BTT) = %.3f, routing overhead %.0f%% (target <= 25%%): %s\n", mrb, 100 * (mrb - 1),
            mrb <= 1.25 ? "met" : "NOT met");
+    printf("minor page faults per timed repetition (all four shapes): grouped %.1f, masked %.1f, k x BTT %.1f\n",
+           (double)faults[0] / reps, (double)faults[1] / reps, (double)faults[2] / reps);
     for (int i = 0; i < 3; i++) free(sum_t[i]);
     free(ra); free(rb);
     return 0;
