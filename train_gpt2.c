@@ -33,6 +33,7 @@ Every weight is stored (blocks, out, in), like llm.c's dense (d_out, d_in), and 
 #include "llmc/dataloader.h"
 #include "llmc/tokenizer.h"
 #include "llmc/rand.h"
+#include "llmc/params.h"
 
 #define ERRLEN 1024
 
@@ -395,20 +396,8 @@ static void softmax_crossentropy_backward(float *probs, const int *targets, int 
 }
 
 // ----------------------------------------------------------------------------------------------
-// Parameters: a table of named tensors over one allocation. The names are the checkpoint names
-// (DESIGN section 5), so saving, loading, weight decay and the llm.c import all read this table.
-
-#define MAX_TENSORS 1024
-typedef struct {
-    char name[64];
-    size_t offset, size;   // in floats, into params / grads / m / v
-    int ndim;
-    long long shape[4];
-    int decay;             // AdamW weight decay: matrices and cores yes; biases, LayerNorm, gamma no
-    float lr_mult;         // AdamW lr = schedule lr * lr_mult (mup's per-core multipliers, else 1)
-    float init_std;        // N(0, init_std^2); 0: zeros; INIT_ONES: ones (LayerNorm weights, gamma)
-} ParamTensor;
-#define INIT_ONES -1.0f
+// Parameters: the table of named tensors over one allocation (llmc/params.h), shared with the CUDA
+// trainer, so saving, loading, weight decay, mup's learning rates and the llm.c import all read it.
 
 // One linear layer: y (N, d_out) = S(x) + b, S the structure s (llmc/structure.h) with its cores
 // W0 (named W for one-core types) and W1, under rms_cap each core scaled by its gamma. btt_moe adds
@@ -457,9 +446,8 @@ typedef struct {
 typedef struct {
     Config cfg;
     int L, C, NH, V, Vp, maxT;
-    ParamTensor tensors[MAX_TENSORS];
-    int ntensors;
-    size_t num_params;
+    ParamTable pt;                    // every parameter tensor, in checkpoint order
+    size_t num_params;                // pt.num
     float *params, *grads, *m, *v;    // one allocation each, num_params floats
     int wte, wpe, lnfw, lnfb;         // tensor indices
     LayerParams *layers;              // (L)
@@ -477,71 +465,8 @@ typedef struct {
     float mean_loss;                  // of the last forward with targets, else -1
 } GPT2;
 
-static float *P(GPT2 *m, int t) { return m->params + m->tensors[t].offset; }
-static float *G(GPT2 *m, int t) { return m->grads + m->tensors[t].offset; }
-
-// Adds a tensor of shape (d0[, d1[, d2]]) (ndim 1 to 3) and returns its index.
-static int add_tensor(GPT2 *m, const char *name, int ndim, long long d0, long long d1, long long d2,
-                      int decay, float init_std) {
-    if (m->ntensors == MAX_TENSORS) { fprintf(stderr, "error: more than %d tensors\n", MAX_TENSORS); exit(1); }
-    ParamTensor *t = &m->tensors[m->ntensors];
-    snprintf(t->name, sizeof t->name, "%s", name);
-    t->ndim = ndim;
-    long long d[3] = {d0, d1, d2};
-    t->size = 1;
-    for (int i = 0; i < ndim; i++) { t->shape[i] = d[i]; t->size *= (size_t)d[i]; }
-    t->offset = m->num_params;
-    t->decay = decay;
-    t->lr_mult = 1.0f;
-    t->init_std = init_std;
-    m->num_params += t->size;
-    return m->ntensors++;
-}
-
-// "(a, b, c)" of a tensor's shape
-static const char *shape_str(char *buf, size_t len, int ndim, const long long *shape) {
-    int n = snprintf(buf, len, "(");
-    for (int d = 0; d < ndim; d++) n += snprintf(buf + n, len - n, "%s%lld", d ? ", " : "", shape[d]);
-    snprintf(buf + n, len - n, ")");
-    return buf;
-}
-
-static int find_tensor(const GPT2 *m, const char *name) {
-    for (int i = 0; i < m->ntensors; i++) if (!strcmp(m->tensors[i].name, name)) return i;
-    return -1;
-}
-
-// The tensors of one linear layer (DESIGN section 5 names): W (dense (d_out, d_in), blockdiag
-// (b, d_out/b, d_in/b)) or W0 and W1 (the cores (nb, q, p)), G (btt_moe's router (E, d_in)),
-// gamma0/gamma1 (rms_cap), then b.
-static Linear add_linear(GPT2 *m, const Structure *s, int layer) {
-    char name[64];
-    const char *proj = linear_names[s->which];
-    Linear lin = {.s = *s, .d_in = s->d_in, .d_out = s->d_out, .core = {-1, -1}, .gamma = {-1, -1}, .G = -1};
-    for (int c = 0; c < s->ncores; c++) {
-        const CoreShape *k = &s->core[c];
-        if (s->type == STRUCT_DENSE) {
-            snprintf(name, sizeof name, "h.%d.%s.W", layer, proj);
-            lin.core[c] = add_tensor(m, name, 2, k->q, k->p, 0, 1, (float)s->init_std[c]);
-        } else {
-            snprintf(name, sizeof name, s->ncores == 1 ? "h.%d.%s.W" : "h.%d.%s.W%d", layer, proj, c);
-            lin.core[c] = add_tensor(m, name, 3, k->nb, k->q, k->p, 1, (float)s->init_std[c]);
-        }
-        m->tensors[lin.core[c]].lr_mult = (float)s->lr_mult[c];
-    }
-    if (s->type == STRUCT_BTT_MOE) {   // the router: zero-initialized (DESIGN 3.6), the layer's lr
-        snprintf(name, sizeof name, "h.%d.%s.G", layer, proj);
-        lin.G = add_tensor(m, name, 2, s->experts, s->d_in, 0, 1, 0.0f);
-        m->tensors[lin.G].lr_mult = (float)s->router_lr_mult;
-    }
-    for (int c = 0; s->rms_cap && c < s->ncores; c++) {
-        snprintf(name, sizeof name, "h.%d.%s.gamma%d", layer, proj, c);
-        lin.gamma[c] = add_tensor(m, name, 1, 1, 0, 0, 0, INIT_ONES);
-    }
-    snprintf(name, sizeof name, "h.%d.%s.b", layer, proj);
-    lin.b = add_tensor(m, name, 1, s->d_out, 0, 0, 0, 0.0f);
-    return lin;
-}
+static float *P(GPT2 *m, int t) { return m->params + m->pt.t[t].offset; }
+static float *G(GPT2 *m, int t) { return m->grads + m->pt.t[t].offset; }
 
 // Lays out every parameter and allocates parameters, gradients, AdamW moments and activations
 // for micro-batches up to (Bmax, Tmax). Weights are left zero: initialize or load them next.
@@ -560,29 +485,30 @@ static void gpt2_build(GPT2 *m, const Config *cfg, int Bmax, int Tmax) {
     for (int k = 0; k < NUM_LINEAR; k++) {
         if (structure_resolve(&st[k], cfg, k, err, sizeof err)) { fprintf(stderr, "error: %s\n", err); exit(1); }
     }
-    m->wte = add_tensor(m, "wte", 2, Vp, C, 0, 1, 0.02f);
-    m->wpe = add_tensor(m, "wpe", 2, m->maxT, C, 0, 1, 0.02f);
+    m->wte = param_add(&m->pt, "wte", 2, Vp, C, 0, 1, 0.02f);
+    m->wpe = param_add(&m->pt, "wpe", 2, m->maxT, C, 0, 1, 0.02f);
     m->layers = xcalloc((size_t)L * sizeof(LayerParams));
     size_t BT = (size_t)Bmax * Tmax, saved = 0, scratch = 0, weff = 0, dweff = 0, load = 0;
     for (int l = 0; l < L; l++) {
         LayerParams *lp = &m->layers[l];
         char name[64];
-        snprintf(name, sizeof name, "h.%d.ln1.w", l); lp->ln1w = add_tensor(m, name, 1, C, 0, 0, 0, INIT_ONES);
-        snprintf(name, sizeof name, "h.%d.ln1.b", l); lp->ln1b = add_tensor(m, name, 1, C, 0, 0, 0, 0.0f);
+        snprintf(name, sizeof name, "h.%d.ln1.w", l); lp->ln1w = param_add(&m->pt, name, 1, C, 0, 0, 0, INIT_ONES);
+        snprintf(name, sizeof name, "h.%d.ln1.b", l); lp->ln1b = param_add(&m->pt, name, 1, C, 0, 0, 0, 0.0f);
         lp->qkw = lp->qkb = lp->kkw = lp->kkb = -1;
         if (qk) {
-            snprintf(name, sizeof name, "h.%d.qk_norm.q.w", l); lp->qkw = add_tensor(m, name, 1, hs, 0, 0, 0, INIT_ONES);
-            snprintf(name, sizeof name, "h.%d.qk_norm.q.b", l); lp->qkb = add_tensor(m, name, 1, hs, 0, 0, 0, 0.0f);
-            snprintf(name, sizeof name, "h.%d.qk_norm.k.w", l); lp->kkw = add_tensor(m, name, 1, hs, 0, 0, 0, INIT_ONES);
-            snprintf(name, sizeof name, "h.%d.qk_norm.k.b", l); lp->kkb = add_tensor(m, name, 1, hs, 0, 0, 0, 0.0f);
+            snprintf(name, sizeof name, "h.%d.qk_norm.q.w", l); lp->qkw = param_add(&m->pt, name, 1, hs, 0, 0, 0, INIT_ONES);
+            snprintf(name, sizeof name, "h.%d.qk_norm.q.b", l); lp->qkb = param_add(&m->pt, name, 1, hs, 0, 0, 0, 0.0f);
+            snprintf(name, sizeof name, "h.%d.qk_norm.k.w", l); lp->kkw = param_add(&m->pt, name, 1, hs, 0, 0, 0, INIT_ONES);
+            snprintf(name, sizeof name, "h.%d.qk_norm.k.b", l); lp->kkb = param_add(&m->pt, name, 1, hs, 0, 0, 0, 0.0f);
         }
         for (int k = 0; k < NUM_LINEAR; k++) {
             if (k == LIN_MLP_FC) {   // checkpoint order: the attention half, ln2, the MLP half
-                snprintf(name, sizeof name, "h.%d.ln2.w", l); lp->ln2w = add_tensor(m, name, 1, C, 0, 0, 0, INIT_ONES);
-                snprintf(name, sizeof name, "h.%d.ln2.b", l); lp->ln2b = add_tensor(m, name, 1, C, 0, 0, 0, 0.0f);
+                snprintf(name, sizeof name, "h.%d.ln2.w", l); lp->ln2w = param_add(&m->pt, name, 1, C, 0, 0, 0, INIT_ONES);
+                snprintf(name, sizeof name, "h.%d.ln2.b", l); lp->ln2b = param_add(&m->pt, name, 1, C, 0, 0, 0, 0.0f);
             }
             Linear *lin = &lp->lin[k];
-            *lin = add_linear(m, &st[k], l);
+            *lin = (Linear){.s = st[k], .d_in = st[k].d_in, .d_out = st[k].d_out};
+            param_add_linear(&m->pt, &st[k], l, lin->core, lin->gamma, &lin->G, &lin->b);
             int moe = st[k].type == STRUCT_BTT_MOE;
             lin->saved = saved;
             saved += moe ? moe_saved_floats(&st[k], (int)BT) : structured_saved_floats(&st[k], (int)BT);
@@ -590,15 +516,16 @@ static void gpt2_build(GPT2 *m, const Config *cfg, int Bmax, int Tmax) {
             if (moe) { lin->load = load; load += st[k].experts; m->n_moe++; }
             if (need > scratch) scratch = need;
             for (int c = 0; c < st[k].ncores; c++) {
-                size_t n = m->tensors[lin->core[c]].size;
+                size_t n = m->pt.t[lin->core[c]].size;
                 lin->weff[c] = weff;
                 if (st[k].rms_cap) { weff += n; cores += n; }
             }
             if (cores > dweff) dweff = cores;
         }
     }
-    m->lnfw = add_tensor(m, "lnf.w", 1, C, 0, 0, 0, INIT_ONES);
-    m->lnfb = add_tensor(m, "lnf.b", 1, C, 0, 0, 0, 0.0f);
+    m->lnfw = param_add(&m->pt, "lnf.w", 1, C, 0, 0, 0, INIT_ONES);
+    m->lnfb = param_add(&m->pt, "lnf.b", 1, C, 0, 0, 0, 0.0f);
+    m->num_params = m->pt.num;
     size_t bytes = m->num_params * sizeof(float);
     m->params = xcalloc(bytes);
     m->grads = xcalloc(bytes);
@@ -644,19 +571,8 @@ static void gpt2_free(GPT2 *m) {
 // GPT-2 and structured cores as llmc/structure.h says (DESIGN 3.7); biases 0; LayerNorm weights and
 // gamma 1. Tensors drawn in table order from one generator; zero and one tensors draw nothing.
 static void gpt2_init_weights(GPT2 *m, uint64_t seed) {
-    Rng rng;
-    rng_seed(&rng, seed);
-    for (int i = 0; i < m->ntensors; i++) {
-        ParamTensor *t = &m->tensors[i];
-        float *p = m->params + t->offset;
-        if (t->init_std == INIT_ONES) {
-            for (size_t j = 0; j < t->size; j++) p[j] = 1.0f;
-        } else if (t->init_std == 0.0f) {
-            memset(p, 0, t->size * sizeof(float));
-        } else {
-            rng_normal_fill(&rng, p, t->size, t->init_std);
-        }
-    }
+    memset(m->params, 0, m->num_params * sizeof(float));
+    param_init(&m->pt, m->params, seed);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -668,7 +584,7 @@ static const float *linear_core(GPT2 *m, const Linear *lin, int c, int recompute
     if (c >= lin->s.ncores) return NULL;
     if (lin->gamma[c] < 0) return P(m, lin->core[c]);
     float *weff = m->weff + lin->weff[c];
-    if (recompute) rms_cap_forward(weff, P(m, lin->core[c]), m->tensors[lin->core[c]].size, *P(m, lin->gamma[c]),
+    if (recompute) rms_cap_forward(weff, P(m, lin->core[c]), m->pt.t[lin->core[c]].size, *P(m, lin->gamma[c]),
                                    lin->s.mup_sigma[c]);
     return weff;
 }
@@ -697,7 +613,7 @@ static void linear_backward(GPT2 *m, const Linear *lin, float *dinp, const float
     const Structure *s = &lin->s;
     float *dW[2] = {NULL, NULL}, *dweff = m->acts.dweff;
     for (int c = 0; c < s->ncores; c++) {
-        size_t n = m->tensors[lin->core[c]].size;
+        size_t n = m->pt.t[lin->core[c]].size;
         if (lin->gamma[c] < 0) { dW[c] = G(m, lin->core[c]); continue; }
         dW[c] = dweff;
         memset(dweff, 0, n * sizeof(float));
@@ -713,7 +629,7 @@ static void linear_backward(GPT2 *m, const Linear *lin, float *dinp, const float
     for (int c = 0; c < s->ncores; c++) {
         if (lin->gamma[c] < 0) continue;
         int k = lin->core[c];
-        rms_cap_backward(G(m, k), G(m, lin->gamma[c]), dW[c], P(m, k), m->tensors[k].size, *P(m, lin->gamma[c]),
+        rms_cap_backward(G(m, k), G(m, lin->gamma[c]), dW[c], P(m, k), m->pt.t[k].size, *P(m, lin->gamma[c]),
                          s->mup_sigma[c]);
     }
     float *db = G(m, lin->b);
@@ -842,8 +758,8 @@ static void gpt2_update(GPT2 *m, float lr, float grad_scale, int t) {
     const Config *c = &m->cfg;
     float b1 = c->optim.beta1, b2 = c->optim.beta2, eps = c->optim.eps;
     float bc1 = 1.0f - powf(b1, (float)t), bc2 = 1.0f - powf(b2, (float)t);
-    for (int k = 0; k < m->ntensors; k++) {
-        ParamTensor *tn = &m->tensors[k];
+    for (int k = 0; k < m->pt.n; k++) {
+        ParamTensor *tn = &m->pt.t[k];
         float wd = tn->decay ? c->optim.weight_decay : 0.0f, tlr = lr * tn->lr_mult;
         float *p = m->params + tn->offset, *g = m->grads + tn->offset;
         float *mm = m->m + tn->offset, *vv = m->v + tn->offset;
@@ -888,30 +804,6 @@ typedef struct {
     char dataloader[512];      // train loader position
 } TrainState;
 
-// Writes the tensors of nbases buffers laid out like params (prefixes[i] + name from bases[i]).
-static int write_tensor_file(GPT2 *m, const char *path, const char *const *prefixes, float *const *bases,
-                             int nbases, const char *const *keys, const char *const *vals, int nmeta, char *err) {
-    int n = m->ntensors * nbases;
-    StTensor *ts = xmalloc((size_t)n * sizeof(StTensor));
-    char (*names)[80] = xmalloc((size_t)n * sizeof *names);
-    for (int k = 0; k < nbases; k++) {
-        for (int i = 0; i < m->ntensors; i++) {
-            ParamTensor *t = &m->tensors[i];
-            StTensor *s = &ts[k * m->ntensors + i];
-            snprintf(names[k * m->ntensors + i], sizeof names[0], "%s%s", prefixes[k], t->name);
-            s->name = names[k * m->ntensors + i];
-            s->dtype = "F32";
-            s->data = bases[k] + t->offset;
-            s->ndim = t->ndim;
-            for (int d = 0; d < 4; d++) s->shape[d] = t->shape[d];
-        }
-    }
-    int rc = safetensors_write(path, ts, n, keys, vals, nmeta, err, ERRLEN);
-    free(ts);
-    free(names);
-    return rc;
-}
-
 // RUN/ckpt_%08d/ written atomically: model.safetensors (parameters), state.safetensors (m., v.)
 static int gpt2_save_checkpoint(GPT2 *m, const char *run_dir, const TrainState *st, char *err) {
     char tmp[1100], path[1200], step_s[32], tokens_s[32];
@@ -924,43 +816,16 @@ static int gpt2_save_checkpoint(GPT2 *m, const char *run_dir, const TrainState *
     const char *model_prefix[] = {""}, *state_prefix[] = {"m.", "v."};
     float *model_base[] = {m->params}, *state_base[] = {m->m, m->v};
     snprintf(path, sizeof path, "%s/model.safetensors", tmp);
-    int rc = write_tensor_file(m, path, model_prefix, model_base, 1, keys, vals, 4, err);
+    int rc = param_write_file(&m->pt, path, model_prefix, model_base, 1, keys, vals, 4, err, ERRLEN);
     if (!rc) {
         snprintf(path, sizeof path, "%s/state.safetensors", tmp);
-        rc = write_tensor_file(m, path, state_prefix, state_base, 2, keys, vals, 5, err);
+        rc = param_write_file(&m->pt, path, state_prefix, state_base, 2, keys, vals, 5, err, ERRLEN);
     }
     free(config);
     if (rc) return -1;
     return checkpoint_commit(run_dir, st->step, m->cfg.checkpoint.keep, err, ERRLEN);
 }
 
-// Copies every tensor named prefix+name from a safetensors file into base, checking shapes.
-static int load_tensors(GPT2 *m, const SafeTensors *st, const char *path, const char *prefix, float *base, char *err) {
-    for (int i = 0; i < m->ntensors; i++) {
-        ParamTensor *t = &m->tensors[i];
-        char name[80];
-        snprintf(name, sizeof name, "%s%s", prefix, t->name);
-        const char *dtype;
-        int ndim;
-        long long shape[4];
-        const void *data = safetensors_find(st, name, &dtype, &ndim, shape);
-        if (!data) {
-            snprintf(err, ERRLEN, "%s: tensor %s is missing (the config's model has it)", path, name);
-            return -1;
-        }
-        int same = strcmp(dtype, "F32") == 0 && ndim == t->ndim;
-        for (int d = 0; same && d < ndim; d++) same = shape[d] == t->shape[d];
-        if (!same) {
-            char have[96], want[96];
-            snprintf(err, ERRLEN, "%s: tensor %s: dtype %s shape %s but the config's model needs F32 %s",
-                     path, name, dtype, shape_str(have, sizeof have, ndim, shape),
-                     shape_str(want, sizeof want, t->ndim, t->shape));
-            return -1;
-        }
-        memcpy(base + t->offset, data, t->size * sizeof(float));
-    }
-    return 0;
-}
 // llm.c's model file (gpt2_124M.bin): parameters in llm.c order, each kind concatenated over layers.
 static int gpt2_load_llmc(GPT2 *m, const char *path, char *err) {
     int h[8];
@@ -989,9 +854,9 @@ static int gpt2_load_llmc(GPT2 *m, const char *path, char *err) {
     int L = m->L;
     const float *p = src;
     // copy one llm.c kind (L tensors back to back) into our per-layer tensors
-    #define TAKE_LAYERS(field) for (int l = 0; l < L; l++) { ParamTensor *t = &m->tensors[m->layers[l].field]; \
+    #define TAKE_LAYERS(field) for (int l = 0; l < L; l++) { ParamTensor *t = &m->pt.t[m->layers[l].field]; \
         memcpy(m->params + t->offset, p, t->size * sizeof(float)); p += t->size; }
-    #define TAKE_ONE(idx) { ParamTensor *t = &m->tensors[idx]; memcpy(m->params + t->offset, p, t->size * sizeof(float)); p += t->size; }
+    #define TAKE_ONE(idx) { ParamTensor *t = &m->pt.t[idx]; memcpy(m->params + t->offset, p, t->size * sizeof(float)); p += t->size; }
     TAKE_ONE(m->wte); TAKE_ONE(m->wpe);
     TAKE_LAYERS(ln1w); TAKE_LAYERS(ln1b);
     TAKE_LAYERS(lin[LIN_ATTN_QKV].core[0]); TAKE_LAYERS(lin[LIN_ATTN_QKV].b);
@@ -1020,7 +885,7 @@ static int gpt2_init_from(GPT2 *m, const char *path, char *err) {
     if (got == 1 && magic == 20240326) return gpt2_load_llmc(m, file, err);
     SafeTensors st;
     if (safetensors_read(&st, file, err, ERRLEN)) return -1;
-    int rc = load_tensors(m, &st, file, "", m->params, err);
+    int rc = param_load(&m->pt, &st, file, "", m->params, err, ERRLEN);
     safetensors_free(&st);
     return rc;
 }
@@ -1044,12 +909,12 @@ static int gpt2_resume(GPT2 *m, Config *cfg, const CliArgs *args, TrainState *st
         return -1;
     }
     gpt2_build(m, cfg, cfg->train.micro_batch, cfg->train.seq_len);
-    int rc = load_tensors(m, &ms, path, "", m->params, err);
+    int rc = param_load(&m->pt, &ms, path, "", m->params, err, ERRLEN);
     safetensors_free(&ms);
     if (rc) return -1;
     snprintf(path, sizeof path, "%s/state.safetensors", dir);
     if (safetensors_read(&ss, path, err, ERRLEN)) return -1;
-    rc = load_tensors(m, &ss, path, "m.", m->m, err) || load_tensors(m, &ss, path, "v.", m->v, err);
+    rc = param_load(&m->pt, &ss, path, "m.", m->m, err, ERRLEN) || param_load(&m->pt, &ss, path, "v.", m->v, err, ERRLEN);
     const char *s_step = safetensors_meta(&ss, "step"), *s_tok = safetensors_meta(&ss, "tokens");
     const char *s_dl = safetensors_meta(&ss, "dataloader");
     if (!rc && (!s_step || !s_tok || !s_dl)) {

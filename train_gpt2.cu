@@ -44,6 +44,7 @@ N = B*T tokens. Every weight is stored (blocks, out, in) like llm.c's dense (d_o
 #include "llmc/dataloader.h"
 #include "llmc/tokenizer.h"
 #include "llmc/rand.h"
+#include "llmc/params.h"
 
 #include "llmc/cuda_common.cuh"
 #include "llmc/distributed.cuh"
@@ -71,21 +72,9 @@ static void *xcalloc(size_t n) {
 }
 
 // ----------------------------------------------------------------------------------------------
-// Parameters: a table of named tensors over one flat allocation, in the CPU trainer's order (so
-// initialization draws the same numbers). Offsets are rounded up to 8 elements so every tensor
-// starts 16-byte aligned, as cuBLASLt and vector loads want; the gaps stay zero.
-
-#define MAX_TENSORS 1024
-typedef struct {
-    char name[64];
-    size_t offset, size;   // in elements, into params / grads and the host fp32 arrays
-    int ndim;
-    long long shape[4];
-    int decay;             // AdamW weight decay: matrices, cores, routers and embeddings; not biases, LayerNorm, gamma
-    float lr_mult;         // AdamW lr = schedule lr * lr_mult (mup's per-core multipliers, else 1)
-    float init_std;        // N(0, init_std^2); 0: zeros; INIT_ONES: ones (LayerNorm weights, gamma)
-} ParamTensor;
-#define INIT_ONES -1.0f
+// Parameters: the CPU trainer's table of named tensors over one flat allocation (llmc/params.h, in
+// its order, so initialization draws the same numbers), with offsets rounded up to 8 elements so every
+// tensor starts 16-byte aligned, as cuBLASLt and vector loads want; the gaps stay zero.
 
 // One linear layer: y (N, d_out) = S(x) + b, S the structure s (llmc/structure.h) with its cores W0
 // (named W for one-core types) and W1, under rms_cap each core scaled by its gamma; btt_moe adds the router G.
@@ -139,9 +128,8 @@ typedef struct {
     Config cfg;
     Dist *dist;
     int L, C, NH, V, Vp, maxT;
-    ParamTensor tensors[MAX_TENSORS];
-    int ntensors;
-    size_t num_params;                // padded flat length: a multiple of 128 * world
+    ParamTable pt;                    // every parameter tensor, in checkpoint order (align 8)
+    size_t num_params;                // pt.num padded to a multiple of 128 * world
     size_t shard_begin, shard_size;   // this rank's slice of the flat layout (ZeRO-1)
     bf16 *params, *grads;             // device, num_params each
     float *master, *m, *v;            // device, shard_size each
@@ -165,72 +153,8 @@ typedef struct {
     float moe_daux;                   // backward: d(objective)/d(each layer's aux) = loss_scale * aux_weight / n_moe
 } GPT2;
 
-static bf16 *PB(GPT2 *m, int t) { return m->params + m->tensors[t].offset; }
-static bf16 *GB(GPT2 *m, int t) { return m->grads + m->tensors[t].offset; }
-
-// Adds a tensor of shape (d0[, d1[, d2]]) (ndim 1 to 3) and returns its index. Offsets are rounded up
-// to 8 elements (16 bytes).
-static int add_tensor(GPT2 *m, const char *name, int ndim, long long d0, long long d1, long long d2, int decay,
-                      float init_std) {
-    if (m->ntensors == MAX_TENSORS) { fprintf(stderr, "error: more than %d tensors\n", MAX_TENSORS); exit(1); }
-    ParamTensor *t = &m->tensors[m->ntensors];
-    snprintf(t->name, sizeof t->name, "%s", name);
-    t->ndim = ndim;
-    long long d[3] = {d0, d1, d2};
-    t->size = 1;
-    for (int i = 0; i < ndim; i++) { t->shape[i] = d[i]; t->size *= (size_t)d[i]; }
-    t->offset = m->num_params;
-    t->decay = decay;
-    t->lr_mult = 1.0f;
-    t->init_std = init_std;
-    m->num_params += (t->size + 7) / 8 * 8;
-    return m->ntensors++;
-}
-
-// "(a, b, c)" of a tensor's shape
-static const char *shape_str(char *buf, size_t len, int ndim, const long long *shape) {
-    int n = snprintf(buf, len, "(");
-    for (int d = 0; d < ndim; d++) n += snprintf(buf + n, len - n, "%s%lld", d ? ", " : "", shape[d]);
-    snprintf(buf + n, len - n, ")");
-    return buf;
-}
-
-// The tensors of one linear layer, as the CPU trainer's add_linear (DESIGN section 5 names): W (dense
-// (d_out, d_in), blockdiag (b, d_out/b, d_in/b)) or W0 and W1 (the cores (nb, q, p)), G (btt_moe's router
-// (E, d_in)), gamma0/gamma1 (rms_cap), then b.
-static Linear add_linear(GPT2 *m, const Structure *s, int layer) {
-    char name[64];
-    const char *proj = linear_names[s->which];
-    Linear lin;
-    memset(&lin, 0, sizeof lin);
-    lin.s = *s;
-    lin.d_in = s->d_in;
-    lin.d_out = s->d_out;
-    lin.core[0] = lin.core[1] = lin.gamma[0] = lin.gamma[1] = lin.G = -1;
-    for (int c = 0; c < s->ncores; c++) {
-        const CoreShape *k = &s->core[c];
-        if (s->type == STRUCT_DENSE) {
-            snprintf(name, sizeof name, "h.%d.%s.W", layer, proj);
-            lin.core[c] = add_tensor(m, name, 2, k->q, k->p, 0, 1, (float)s->init_std[c]);
-        } else {
-            snprintf(name, sizeof name, s->ncores == 1 ? "h.%d.%s.W" : "h.%d.%s.W%d", layer, proj, c);
-            lin.core[c] = add_tensor(m, name, 3, k->nb, k->q, k->p, 1, (float)s->init_std[c]);
-        }
-        m->tensors[lin.core[c]].lr_mult = (float)s->lr_mult[c];
-    }
-    if (s->type == STRUCT_BTT_MOE) {   // the router: zero-initialized (DESIGN 3.6), the layer's lr
-        snprintf(name, sizeof name, "h.%d.%s.G", layer, proj);
-        lin.G = add_tensor(m, name, 2, s->experts, s->d_in, 0, 1, 0.0f);
-        m->tensors[lin.G].lr_mult = (float)s->router_lr_mult;
-    }
-    for (int c = 0; s->rms_cap && c < s->ncores; c++) {
-        snprintf(name, sizeof name, "h.%d.%s.gamma%d", layer, proj, c);
-        lin.gamma[c] = add_tensor(m, name, 1, 1, 0, 0, 0, INIT_ONES);
-    }
-    snprintf(name, sizeof name, "h.%d.%s.b", layer, proj);
-    lin.b = add_tensor(m, name, 1, s->d_out, 0, 0, 0, 0.0f);
-    return lin;
-}
+static bf16 *PB(GPT2 *m, int t) { return m->params + m->pt.t[t].offset; }
+static bf16 *GB(GPT2 *m, int t) { return m->grads + m->pt.t[t].offset; }
 
 // What the GPU trainer cannot run (beyond what config.h refuses for both trainers), refused before any
 // work, naming the key.
@@ -270,6 +194,7 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;
     m->dist = dist;
+    m->pt.align = 8;
     int L = m->L = cfg->model.n_layer, C = m->C = cfg->model.n_embd;
     m->NH = cfg->model.n_head;
     m->V = cfg->model.vocab_size;
@@ -283,30 +208,34 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
     for (int k = 0; k < NUM_LINEAR; k++) {
         if (structure_resolve(&st[k], cfg, k, err, sizeof err)) { fprintf(stderr, "error: %s\n", err); exit(1); }
     }
-    m->wte = add_tensor(m, "wte", 2, Vp, C, 0, 1, 0.02f);
-    m->wpe = add_tensor(m, "wpe", 2, m->maxT, C, 0, 1, 0.02f);
+    m->wte = param_add(&m->pt, "wte", 2, Vp, C, 0, 1, 0.02f);
+    m->wpe = param_add(&m->pt, "wpe", 2, m->maxT, C, 0, 1, 0.02f);
     m->layers = (LayerParams *)xcalloc((size_t)L * sizeof(LayerParams));
     size_t BT = (size_t)Bmax * Tmax, saved = 0, scratch = 0, weff = 0, dweff = 0, moe_floats = 0;
     int nstats = 0;
     for (int l = 0; l < L; l++) {
         LayerParams *lp = &m->layers[l];
         char name[64];
-        snprintf(name, sizeof name, "h.%d.ln1.w", l); lp->ln1w = add_tensor(m, name, 1, C, 0, 0, 0, INIT_ONES);
-        snprintf(name, sizeof name, "h.%d.ln1.b", l); lp->ln1b = add_tensor(m, name, 1, C, 0, 0, 0, 0.0f);
+        snprintf(name, sizeof name, "h.%d.ln1.w", l); lp->ln1w = param_add(&m->pt, name, 1, C, 0, 0, 0, INIT_ONES);
+        snprintf(name, sizeof name, "h.%d.ln1.b", l); lp->ln1b = param_add(&m->pt, name, 1, C, 0, 0, 0, 0.0f);
         lp->qkw = lp->qkb = lp->kkw = lp->kkb = -1;
         if (qk) {
-            snprintf(name, sizeof name, "h.%d.qk_norm.q.w", l); lp->qkw = add_tensor(m, name, 1, hs, 0, 0, 0, INIT_ONES);
-            snprintf(name, sizeof name, "h.%d.qk_norm.q.b", l); lp->qkb = add_tensor(m, name, 1, hs, 0, 0, 0, 0.0f);
-            snprintf(name, sizeof name, "h.%d.qk_norm.k.w", l); lp->kkw = add_tensor(m, name, 1, hs, 0, 0, 0, INIT_ONES);
-            snprintf(name, sizeof name, "h.%d.qk_norm.k.b", l); lp->kkb = add_tensor(m, name, 1, hs, 0, 0, 0, 0.0f);
+            snprintf(name, sizeof name, "h.%d.qk_norm.q.w", l); lp->qkw = param_add(&m->pt, name, 1, hs, 0, 0, 0, INIT_ONES);
+            snprintf(name, sizeof name, "h.%d.qk_norm.q.b", l); lp->qkb = param_add(&m->pt, name, 1, hs, 0, 0, 0, 0.0f);
+            snprintf(name, sizeof name, "h.%d.qk_norm.k.w", l); lp->kkw = param_add(&m->pt, name, 1, hs, 0, 0, 0, INIT_ONES);
+            snprintf(name, sizeof name, "h.%d.qk_norm.k.b", l); lp->kkb = param_add(&m->pt, name, 1, hs, 0, 0, 0, 0.0f);
         }
         for (int k = 0; k < NUM_LINEAR; k++) {
             if (k == LIN_MLP_FC) {   // checkpoint order: the attention half, ln2, the MLP half
-                snprintf(name, sizeof name, "h.%d.ln2.w", l); lp->ln2w = add_tensor(m, name, 1, C, 0, 0, 0, INIT_ONES);
-                snprintf(name, sizeof name, "h.%d.ln2.b", l); lp->ln2b = add_tensor(m, name, 1, C, 0, 0, 0, 0.0f);
+                snprintf(name, sizeof name, "h.%d.ln2.w", l); lp->ln2w = param_add(&m->pt, name, 1, C, 0, 0, 0, INIT_ONES);
+                snprintf(name, sizeof name, "h.%d.ln2.b", l); lp->ln2b = param_add(&m->pt, name, 1, C, 0, 0, 0, 0.0f);
             }
             Linear *lin = &lp->lin[k];
-            *lin = add_linear(m, &st[k], l);
+            memset(lin, 0, sizeof *lin);
+            lin->s = st[k];
+            lin->d_in = st[k].d_in;
+            lin->d_out = st[k].d_out;
+            param_add_linear(&m->pt, &st[k], l, lin->core, lin->gamma, &lin->G, &lin->b);
             int moe = st[k].type == STRUCT_BTT_MOE;
             lin->saved = saved;
             saved += moe_align(moe ? moe_gpu_saved_bytes(&st[k], (int)BT) : structured_gpu_saved(&st[k], (int)BT) * sizeof(bf16));
@@ -316,7 +245,7 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
             if (moe) { lin->load = moe_floats; moe_floats += 1 + st[k].experts; m->n_moe++; }
             size_t cores = 0;
             for (int c = 0; st[k].rms_cap && c < st[k].ncores; c++) {
-                size_t n = m->tensors[lin->core[c]].size;
+                size_t n = m->pt.t[lin->core[c]].size;
                 lin->weff[c] = weff;
                 lin->stat[c] = nstats++;
                 weff += (n + 7) / 8 * 8;
@@ -325,8 +254,9 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
             if (cores > dweff) dweff = cores;
         }
     }
-    m->lnfw = add_tensor(m, "lnf.w", 1, C, 0, 0, 0, INIT_ONES);
-    m->lnfb = add_tensor(m, "lnf.b", 1, C, 0, 0, 0, 0.0f);
+    m->lnfw = param_add(&m->pt, "lnf.w", 1, C, 0, 0, 0, INIT_ONES);
+    m->lnfb = param_add(&m->pt, "lnf.b", 1, C, 0, 0, 0, 0.0f);
+    m->num_params = m->pt.num;
     // ZeRO-1 shards: equal, 128-element aligned slices of the padded flat layout
     size_t unit = (size_t)128 * dist->world;
     m->num_params = (m->num_params + unit - 1) / unit * unit;
@@ -412,17 +342,7 @@ static void gpt2_upload_params(GPT2 *m, const float *host) {
 // zero and one tensors draw nothing.
 static void gpt2_init_weights(GPT2 *m, uint64_t seed) {
     float *h = (float *)xcalloc(m->num_params * sizeof(float));
-    Rng rng;
-    rng_seed(&rng, seed);
-    for (int i = 0; i < m->ntensors; i++) {
-        ParamTensor *t = &m->tensors[i];
-        float *p = h + t->offset;
-        if (t->init_std == INIT_ONES) {
-            for (size_t j = 0; j < t->size; j++) p[j] = 1.0f;
-        } else if (t->init_std != 0.0f) {
-            rng_normal_fill(&rng, p, t->size, t->init_std);
-        }
-    }
+    param_init(&m->pt, h, seed);
     gpt2_upload_params(m, h);
     free(h);
 }
@@ -534,7 +454,7 @@ static const bf16 *linear_core(GPT2 *m, const Linear *lin, int c, int recompute)
     bf16 *weff = m->weff + lin->weff[c];
     if (recompute)
         rmscap_forward(weff, m->rms_stats + lin->stat[c], PB(m, lin->core[c]), PB(m, lin->gamma[c]),
-                       m->tensors[lin->core[c]].size, lin->s.mup_sigma[c], m->acts.rms_partial, main_stream);
+                       m->pt.t[lin->core[c]].size, lin->s.mup_sigma[c], m->acts.rms_partial, main_stream);
     return weff;
 }
 
@@ -566,13 +486,13 @@ static void linear_backward(GPT2 *m, const Linear *lin, bf16 *dinp, const bf16 *
     for (int c = 0; c < s->ncores; c++) {
         if (!capped) { dW[c] = GB(m, lin->core[c]); continue; }
         dW[c] = dweff;
-        dweff += (m->tensors[lin->core[c]].size + 7) / 8 * 8;
+        dweff += (m->pt.t[lin->core[c]].size + 7) / 8 * 8;
     }
     const bf16 *W0 = linear_core(m, lin, 0, 0), *W1 = linear_core(m, lin, 1, 0);
     char *saved = m->acts.lin_saved + lin->saved;
     float *cs = m->acts.colsum;
     if (s->type == STRUCT_DENSE) {
-        if (capped) cudaCheck(cudaMemsetAsync(dW[0], 0, m->tensors[lin->core[0]].size * sizeof(bf16), st));
+        if (capped) cudaCheck(cudaMemsetAsync(dW[0], 0, m->pt.t[lin->core[0]].size * sizeof(bf16), st));
         matmul_backward(dinp, dW[0], GB(m, lin->b), dout, inp, W0, dgelu_pre, cs, N, lin->d_in, lin->d_out, st);
     } else {
         if (lin->G >= 0)
@@ -586,7 +506,7 @@ static void linear_backward(GPT2 *m, const Linear *lin, bf16 *dinp, const bf16 *
     for (int c = 0; capped && c < s->ncores; c++) {
         int k = lin->core[c];
         rmscap_backward(GB(m, k), GB(m, lin->gamma[c]), dW[c], PB(m, k), PB(m, lin->gamma[c]), m->rms_stats + lin->stat[c],
-                        m->tensors[k].size, s->mup_sigma[c], m->acts.rms_partial, st);
+                        m->pt.t[k].size, s->mup_sigma[c], m->acts.rms_partial, st);
     }
 }
 
@@ -758,8 +678,8 @@ static float gpt2_optimizer_step(GPT2 *m, int step, float *lr_out) {
     int t = step + 1;
     float bc1 = 1.0f - powf(b1, (float)t), bc2 = 1.0f - powf(b2, (float)t);
     size_t lo = m->shard_begin, hi = m->shard_begin + m->shard_size;
-    for (int k = 0; k < m->ntensors; k++) {
-        ParamTensor *tn = &m->tensors[k];
+    for (int k = 0; k < m->pt.n; k++) {
+        ParamTensor *tn = &m->pt.t[k];
         size_t b = tn->offset > lo ? tn->offset : lo, e = tn->offset + tn->size < hi ? tn->offset + tn->size : hi;
         if (b >= e) continue;
         float wd = tn->decay ? c->optim.weight_decay : 0.0f;
@@ -807,30 +727,6 @@ typedef struct {
     char dataloader[512];      // train loader position
 } TrainState;
 
-// Writes the tensors of nbases host arrays laid out like params (prefixes[i] + name from bases[i]).
-static int write_tensor_file(GPT2 *m, const char *path, const char *const *prefixes, float *const *bases,
-                             int nbases, const char *const *keys, const char *const *vals, int nmeta, char *err) {
-    int n = m->ntensors * nbases;
-    StTensor *ts = (StTensor *)xmalloc((size_t)n * sizeof(StTensor));
-    char (*names)[80] = (char (*)[80])xmalloc((size_t)n * sizeof *names);
-    for (int k = 0; k < nbases; k++) {
-        for (int i = 0; i < m->ntensors; i++) {
-            ParamTensor *t = &m->tensors[i];
-            StTensor *s = &ts[k * m->ntensors + i];
-            snprintf(names[k * m->ntensors + i], sizeof names[0], "%s%s", prefixes[k], t->name);
-            s->name = names[k * m->ntensors + i];
-            s->dtype = "F32";
-            s->data = bases[k] + t->offset;
-            s->ndim = t->ndim;
-            for (int d = 0; d < 4; d++) s->shape[d] = t->shape[d];
-        }
-    }
-    int rc = safetensors_write(path, ts, n, keys, vals, nmeta, err, ERRLEN);
-    free(ts);
-    free(names);
-    return rc;
-}
-
 // RUN/ckpt_%08d/ written atomically by rank 0. Collective (the shards are gathered on every rank).
 static int gpt2_save_checkpoint(GPT2 *m, const char *run_dir, const TrainState *st, char *err) {
     float *h = (float *)xmalloc(m->num_params * sizeof(float) * 2);
@@ -848,14 +744,14 @@ static int gpt2_save_checkpoint(GPT2 *m, const char *run_dir, const TrainState *
     if (root && !rc) {
         float *model_base[] = {hm};
         snprintf(path, sizeof path, "%s/model.safetensors", tmp);
-        rc = write_tensor_file(m, path, model_prefix, model_base, 1, keys, vals, 4, err);
+        rc = param_write_file(&m->pt, path, model_prefix, model_base, 1, keys, vals, 4, err, ERRLEN);
     }
     gpt2_gather_shards(m, m->m, hm);
     gpt2_gather_shards(m, m->v, hv);
     if (root && !rc) {
         float *state_base[] = {hm, hv};
         snprintf(path, sizeof path, "%s/state.safetensors", tmp);
-        rc = write_tensor_file(m, path, state_prefix, state_base, 2, keys, vals, 5, err);
+        rc = param_write_file(&m->pt, path, state_prefix, state_base, 2, keys, vals, 5, err, ERRLEN);
     }
     if (root && !rc) rc = checkpoint_commit(run_dir, st->step, m->cfg.checkpoint.keep, err, ERRLEN);
     free(config);
@@ -868,33 +764,6 @@ static int gpt2_save_checkpoint(GPT2 *m, const char *run_dir, const TrainState *
     return 0;
 }
 
-// Copies every tensor named prefix+name from a safetensors file into the host array base (padded
-// layout), checking dtypes and shapes.
-static int load_tensors(GPT2 *m, const SafeTensors *st, const char *path, const char *prefix, float *base, char *err) {
-    for (int i = 0; i < m->ntensors; i++) {
-        ParamTensor *t = &m->tensors[i];
-        char name[80];
-        snprintf(name, sizeof name, "%s%s", prefix, t->name);
-        const char *dtype;
-        int ndim;
-        long long shape[4];
-        const void *data = safetensors_find(st, name, &dtype, &ndim, shape);
-        if (!data) {
-            snprintf(err, ERRLEN, "%s: tensor %s is missing (the config's model has it)", path, name);
-            return -1;
-        }
-        int same = strcmp(dtype, "F32") == 0 && ndim == t->ndim;
-        for (int d = 0; same && d < ndim; d++) same = shape[d] == t->shape[d];
-        if (!same) {
-            char have[96], want[96];
-            snprintf(err, ERRLEN, "%s: tensor %s: dtype %s shape %s but the config's model needs F32 %s", path, name, dtype,
-                     shape_str(have, sizeof have, ndim, shape), shape_str(want, sizeof want, t->ndim, t->shape));
-            return -1;
-        }
-        memcpy(base + t->offset, data, t->size * sizeof(float));
-    }
-    return 0;
-}
 
 // llm.c's model file (gpt2_124M.bin): parameters in llm.c order, each kind concatenated over layers.
 static int gpt2_load_llmc(GPT2 *m, const char *path, float *host, char *err) {
@@ -923,7 +792,7 @@ static int gpt2_load_llmc(GPT2 *m, const char *path, float *host, char *err) {
     }
     const float *p = src;
     // one llm.c kind (L tensors back to back) into our per-layer tensors
-    #define TAKE_ONE(idx) { ParamTensor *t = &m->tensors[idx]; memcpy(host + t->offset, p, t->size * sizeof(float)); p += t->size; }
+    #define TAKE_ONE(idx) { ParamTensor *t = &m->pt.t[idx]; memcpy(host + t->offset, p, t->size * sizeof(float)); p += t->size; }
     #define TAKE_LAYERS(field) for (int l = 0; l < m->L; l++) TAKE_ONE(m->layers[l].field)
     TAKE_ONE(m->wte); TAKE_ONE(m->wpe);
     TAKE_LAYERS(ln1w); TAKE_LAYERS(ln1b);
@@ -958,7 +827,7 @@ static int gpt2_init_from(GPT2 *m, const char *path, char *err) {
         SafeTensors st;
         rc = safetensors_read(&st, file, err, ERRLEN);
         if (!rc) {
-            rc = load_tensors(m, &st, file, "", host, err);
+            rc = param_load(&m->pt, &st, file, "", host, err, ERRLEN);
             safetensors_free(&st);
         }
     }
@@ -988,15 +857,15 @@ static int gpt2_resume(GPT2 *m, Config *cfg, Dist *dist, const CliArgs *args, Tr
     if (gpt2_check_supported(cfg, dist->world, err)) { safetensors_free(&ms); return -1; }
     gpt2_build(m, cfg, dist, cfg->train.micro_batch, cfg->train.seq_len);
     float *host = (float *)xcalloc(m->num_params * sizeof(float));
-    int rc = load_tensors(m, &ms, path, "", host, err);
+    int rc = param_load(&m->pt, &ms, path, "", host, err, ERRLEN);
     safetensors_free(&ms);
     if (!rc) gpt2_upload_params(m, host);
     snprintf(path, sizeof path, "%s/state.safetensors", dir);
     if (!rc) rc = safetensors_read(&ss, path, err, ERRLEN);
     if (!rc) {
-        rc = load_tensors(m, &ss, path, "m.", host, err);
+        rc = param_load(&m->pt, &ss, path, "m.", host, err, ERRLEN);
         if (!rc) cudaCheck(cudaMemcpy(m->m, host + m->shard_begin, m->shard_size * sizeof(float), cudaMemcpyHostToDevice));
-        if (!rc) rc = load_tensors(m, &ss, path, "v.", host, err);
+        if (!rc) rc = param_load(&m->pt, &ss, path, "v.", host, err, ERRLEN);
         if (!rc) cudaCheck(cudaMemcpy(m->v, host + m->shard_begin, m->shard_size * sizeof(float), cudaMemcpyHostToDevice));
         const char *s_step = safetensors_meta(&ss, "step"), *s_tok = safetensors_meta(&ss, "tokens");
         const char *s_dl = safetensors_meta(&ss, "dataloader");
@@ -1135,7 +1004,7 @@ static char *print_summary(const GPT2 *m, int step) {
         dense_macs += s->dense_macs * m->L;
         lin_params += (double)params * m->L;
     }
-    for (int i = 0; i < m->ntensors; i++) total += m->tensors[i].size;
+    for (int i = 0; i < m->pt.n; i++) total += m->pt.t[i].size;
     double fpt = gpt2_flops_per_token(m, m->Tmax);
     printf("totals (x%d layers): linear layers %.0f params, %.4g MACs/token (%.3fx dense); model %zu params; "
            "training FLOPs/token %.4g (T=%d)\n", m->L, lin_params, macs, macs / dense_macs, total, fpt, m->Tmax);

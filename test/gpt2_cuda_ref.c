@@ -32,7 +32,7 @@ int main(int argc, char **argv) {
     const int *inputs = need(&fx, "inputs", "I32"), *targets = need(&fx, "targets", "I32");
     GPT2 m;
     gpt2_build(&m, &cfg, B, T);
-    if (load_tensors(&m, &fx, fixture, "", m.params, err)) fail(err);
+    if (param_load(&m.pt, &fx, fixture, "", m.params, err, ERRLEN)) fail(err);
     size_t P = m.num_params;
     float *initial = xmalloc(P * sizeof(float)), *grads = xmalloc(P * sizeof(float));
     float *accum = xmalloc(P * sizeof(float)), *logits = xmalloc((size_t)N * m.V * sizeof(float));
@@ -85,14 +85,14 @@ int main(int argc, char **argv) {
         gpt2_optimizer_step(&m, step, &lr);
     }
 
-    int nt = m.ntensors, n = 0;
+    int nt = m.pt.n, n = 0;
     StTensor *ts = xmalloc((size_t)(4 * nt + 5 + nmoe) * sizeof(StTensor));
     char (*names)[96] = xmalloc((size_t)(4 * nt) * sizeof *names);
     const char *prefix[4] = {"", "grad.", "final.", "accum.grad."};
     float *base[4] = {initial, grads, m.params, accum};
     for (int k = 0; k < 4; k++) {
         for (int i = 0; i < nt; i++) {
-            ParamTensor *t = &m.tensors[i];
+            ParamTensor *t = &m.pt.t[i];
             snprintf(names[k * nt + i], sizeof names[0], "%s%s", prefix[k], t->name);
             StTensor s = {names[k * nt + i], "F32", base[k] + t->offset, t->ndim,
                           {t->shape[0], t->shape[1], t->shape[2], t->shape[3]}};

@@ -104,7 +104,7 @@ static void check_model_fixture(const char *path, const char *tag, SafeTensors *
     GPT2 m;
     gpt2_build(&m, cfg, B, T);
     snprintf(label, sizeof label, "%s: load fixture weights", tag);
-    check(load_tensors(&m, fx, path, "", m.params, err) == 0, label, "%s", err);
+    check(param_load(&m.pt, fx, path, "", m.params, err, ERRLEN) == 0, label, "%s", err);
     float *initial = xmalloc(m.num_params * sizeof(float));
     memcpy(initial, m.params, m.num_params * sizeof(float));
 
@@ -140,8 +140,8 @@ static void check_model_fixture(const char *path, const char *tag, SafeTensors *
     // backward: every gradient
     gpt2_zero_grad(&m);
     gpt2_backward(&m, 1.0f);
-    for (int i = 0; i < m.ntensors; i++) {
-        ParamTensor *t = &m.tensors[i];
+    for (int i = 0; i < m.pt.n; i++) {
+        ParamTensor *t = &m.pt.t[i];
         snprintf(name, sizeof name, "grad.%s", t->name);
         const float *ref = fixture_f32(fx, name, t->size);
         double scale = max_abs(ref, t->size);
@@ -178,8 +178,8 @@ static void check_model_fixture(const char *path, const char *tag, SafeTensors *
         int *sel = xmalloc(cap * sizeof(int));
         loss_at(&m, inputs, targets, B, T);
         routing(&m, sel, cap, 1);
-        for (int i = 0; i < m.ntensors; i++) {
-            ParamTensor *t = &m.tensors[i];
+        for (int i = 0; i < m.pt.n; i++) {
+            ParamTensor *t = &m.pt.t[i];
             size_t best[2] = {0, 0};
             for (size_t j = 0; j < t->size; j++) {
                 float g = fabsf(grads[t->offset + j]);
@@ -216,7 +216,7 @@ static void check_model_fixture(const char *path, const char *tag, SafeTensors *
         }
         snprintf(label, sizeof label, "%s: finite differences (5-point, fp32 forward) on %d entries%s", tag, checked,
                  m.n_moe ? " whose perturbation keeps the routing" : "");
-        check(bad == 0 && checked + rerouted > 2 * m.ntensors - 4 && checked >= (m.n_moe ? 16 : m.ntensors), label,
+        check(bad == 0 && checked + rerouted > 2 * m.pt.n - 4 && checked >= (m.n_moe ? 16 : m.pt.n), label,
               "%d of %d entries off (%d skipped: rerouted); last: %s", bad, checked, rerouted, worst);
         free(sel);
         free(grads);
@@ -246,8 +246,8 @@ static void check_model_fixture(const char *path, const char *tag, SafeTensors *
     check(losses[9] < losses[0] - 0.1, label, "%.4f -> %.4f", losses[0], losses[9]);
     int bad = 0;
     char worst[256] = "";
-    for (int i = 0; i < m.ntensors; i++) {
-        ParamTensor *t = &m.tensors[i];
+    for (int i = 0; i < m.pt.n; i++) {
+        ParamTensor *t = &m.pt.t[i];
         snprintf(name, sizeof name, "final.%s", t->name);
         const float *ref = fixture_f32(fx, name, t->size);
         double scale = max_abs(ref, t->size);
@@ -288,7 +288,7 @@ int main(void) {
     const int *inputs = fixture_i32(&fx, "inputs");
     const float *ref_logits = fixture_f32(&fx, "logits", (size_t)N * m.V);
     float *initial = xmalloc(m.num_params * sizeof(float));
-    load_tensors(&m, &fx, FIXTURE, "", initial, err);
+    param_load(&m.pt, &fx, FIXTURE, "", initial, err, ERRLEN);
     double e;
 
     // our checkpoint of the trained model, and its logits, for test_gpt2_torch.py (PyTorch must reproduce them)

@@ -102,8 +102,8 @@ static void bf16_to_host(GPT2 *m, const bf16 *dev, float *host) {
 static void check_grads(GPT2 *m, const SafeTensors *ref, const float *host, const char *prefix, const char *what, double tol) {
     double worst = 0.0;
     char worst_name[80] = "";
-    for (int i = 0; i < m->ntensors; i++) {
-        ParamTensor *t = &m->tensors[i];
+    for (int i = 0; i < m->pt.n; i++) {
+        ParamTensor *t = &m->pt.t[i];
         char name[96];
         snprintf(name, sizeof name, "%s%s", prefix, t->name);
         const float *r = ref_f32(ref, name, t->size);
@@ -131,7 +131,7 @@ static void check_grads(GPT2 *m, const SafeTensors *ref, const float *host, cons
 static void load_ref_params(GPT2 *m, const SafeTensors *ref) {
     char err[ERRLEN];
     float *host = (float *)xcalloc(m->num_params * sizeof(float));
-    if (load_tensors(m, ref, REF, "", host, err)) { printf("FAIL - load reference weights: %s\n", err); exit(1); }
+    if (param_load(&m->pt, ref, REF, "", host, err, ERRLEN)) { printf("FAIL - load reference weights: %s\n", err); exit(1); }
     gpt2_upload_params(m, host);
     free(host);
 }
@@ -275,8 +275,8 @@ int main(int argc, char **argv) {
     gpt2_gather_shards(m, m->v, v10);
     int bad = 0;
     char worst[200] = "";
-    for (int i = 0; i < m->ntensors; i++) {
-        ParamTensor *t = &m->tensors[i];
+    for (int i = 0; i < m->pt.n; i++) {
+        ParamTensor *t = &m->pt.t[i];
         char name[96];
         snprintf(name, sizeof name, "final.%s", t->name);
         const float *r = ref_f32(&ref, name, t->size);
@@ -344,9 +344,9 @@ int main(int argc, char **argv) {
     rc = safetensors_read(&ck, RUN_DIR "/ckpt_00000005/model.safetensors", err, sizeof err);
     if (rc == 0) {
         const char *fmt = safetensors_meta(&ck, "format");
-        int ok = fmt && !strcmp(fmt, "structured-gpt2/1") && safetensors_count(&ck) == m->ntensors;
+        int ok = fmt && !strcmp(fmt, "structured-gpt2/1") && safetensors_count(&ck) == m->pt.n;
         float *tmp = (float *)xcalloc(m->num_params * sizeof(float));
-        ok = ok && load_tensors(m, &ck, "checkpoint", "", tmp, err) == 0;
+        ok = ok && param_load(&m->pt, &ck, "checkpoint", "", tmp, err, ERRLEN) == 0;
         snprintf(label, sizeof label, "[%s] GPU checkpoint: format, tensor names, F32 shapes as the CPU trainer's", TAG);
         check(ok, label, "%s", err);
         free(tmp);
