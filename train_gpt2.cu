@@ -691,14 +691,11 @@ static float gpt2_optimizer_step(GPT2 *m, int step, float *lr_out) {
     return norm;
 }
 
-// Training FLOPs per token, the CPU trainer's count: 6 per MAC of every matmul (the linear layers'
-// real MACs, llmc/structure.h) plus attention (q.k and P.v at full context, halved by the causal mask).
+// Training FLOPs per token at context T (llmc/params.h: the linear layers' real MACs, attention, LM head)
 static double gpt2_flops_per_token(const GPT2 *m, int T) {
-    double macs = (double)m->Vp * m->C;
-    for (int l = 0; l < m->L; l++)
-        for (int k = 0; k < NUM_LINEAR; k++) macs += m->layers[l].lin[k].s.macs;
-    double attn = (double)m->L * T * m->C;
-    return 6.0 * (macs + attn);
+    Structure st[NUM_LINEAR];
+    for (int k = 0; k < NUM_LINEAR; k++) st[k] = m->layers[0].lin[k].s;
+    return model_flops_per_token(&m->cfg, st, T);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -965,52 +962,14 @@ static double gpu_peak_flops(void) {
     return 0.0;
 }
 
-// The start-up summary, as the CPU trainer's: the GPU, then per projection (the same in every block) its
-// structure, core shapes, parameters and MACs per token next to the dense layer's, then the totals.
-// Printed, and returned as one JSON record for log.jsonl (malloc'd).
+// The start-up summary (llmc/params.h), printed; returns its JSON record for log.jsonl (malloc'd).
 static char *print_summary(const GPT2 *m, int step) {
     const Dist *d = m->dist;
     printf("GPU: %s (%.1f GiB), %d process%s (%s)\n", device_prop.name, device_prop.totalGlobalMem / 1073741824.0,
            d->world, d->world > 1 ? "es" : "", d->launcher);
-    printf("model: %d layers, %d heads, n_embd %d, block_size %d, vocab %d (padded %d)%s%s%s\n",
-           m->L, m->NH, m->C, m->maxT, m->V, m->Vp, m->cfg.model.qk_norm ? ", qk_norm" : "",
-           strcmp(m->cfg.model.attn_scale, "mup") ? "" : ", attn_scale mup",
-           strcmp(m->cfg.model.parametrization, "mup") ? "" : ", parametrization mup");
-    int w = 36;   // the structure column fits the longest description
-    for (int k = 0; k < NUM_LINEAR; k++) {
-        char desc[256];
-        int n = (int)strlen(structure_describe(&m->layers[0].lin[k].s, desc, sizeof desc));
-        if (n > w) w = n;
-    }
-    printf("%-9s %-12s %-*s %11s %11s %11s %7s\n", "layer", "shape", w, "structure (cores (blocks, out, in))",
-           "params", "MACs/token", "dense", "ratio");
-    size_t cap = 4096, len = 0, total = 0;
-    char *rec = (char *)xmalloc(cap);
-    len += snprintf(rec, cap, "{\"type\": \"model\", \"step\": %d, \"layers\": [", step);
-    double macs = 0.0, dense_macs = 0.0, lin_params = 0.0;
-    for (int k = 0; k < NUM_LINEAR; k++) {
-        const Linear *lin = &m->layers[0].lin[k];
-        const Structure *s = &lin->s;
-        char shape[32], desc[256];
-        snprintf(shape, sizeof shape, "%d -> %d", lin->d_in, lin->d_out);
-        structure_describe(s, desc, sizeof desc);
-        long long params = s->params + lin->d_out + (s->rms_cap ? s->ncores : 0);   // + bias, gamma
-        printf("%-9s %-12s %-*s %11lld %11.0f %11.0f %6.3fx\n", linear_names[k], shape, w, desc, params, s->macs,
-               s->dense_macs, s->macs / s->dense_macs);
-        len += snprintf(rec + len, cap - len, "%s{\"name\": \"%s\", \"d_in\": %d, \"d_out\": %d, \"structure\": \"%s\", "
-                        "\"params\": %lld, \"macs\": %.0f, \"dense_macs\": %.0f}", k ? ", " : "", linear_names[k],
-                        lin->d_in, lin->d_out, desc, params, s->macs, s->dense_macs);
-        macs += s->macs * m->L;
-        dense_macs += s->dense_macs * m->L;
-        lin_params += (double)params * m->L;
-    }
-    for (int i = 0; i < m->pt.n; i++) total += m->pt.t[i].size;
-    double fpt = gpt2_flops_per_token(m, m->Tmax);
-    printf("totals (x%d layers): linear layers %.0f params, %.4g MACs/token (%.3fx dense); model %zu params; "
-           "training FLOPs/token %.4g (T=%d)\n", m->L, lin_params, macs, macs / dense_macs, total, fpt, m->Tmax);
-    snprintf(rec + len, cap - len, "], \"linear_params\": %.0f, \"linear_macs\": %.0f, \"dense_linear_macs\": %.0f, "
-             "\"params\": %zu, \"flops_per_token\": %.6g}", lin_params, macs, dense_macs, total, fpt);
-    return rec;
+    Structure st[NUM_LINEAR];
+    for (int k = 0; k < NUM_LINEAR; k++) st[k] = m->layers[0].lin[k].s;
+    return model_summary(&m->pt, &m->cfg, st, m->Tmax, step);
 }
 
 // Appends to a train log record ", \"moe\": [...]", as the CPU trainer: per btt_moe layer its aux loss

@@ -174,4 +174,63 @@ static int param_load(const ParamTable *p, const SafeTensors *st, const char *pa
     return 0;
 }
 
+// ----------------------------------------------------------------------------------------------
+// What the model costs. st: the structure of each projection (the same in every block).
+
+// Training FLOPs per token: 6 per MAC of every matmul (forward 2, backward 4) plus attention
+// (q.k and P.v: 2 T C MACs per token per layer at full context, halved by the causal mask).
+// The linear layers count their real MACs (llmc/structure.h), not those of the dense layer they replace.
+static double model_flops_per_token(const Config *cfg, const Structure st[NUM_LINEAR], int T) {
+    double macs = (double)cfg->model.padded_vocab_size * cfg->model.n_embd;   // LM head
+    for (int k = 0; k < NUM_LINEAR; k++) macs += st[k].macs * cfg->model.n_layer;
+    double attn = (double)cfg->model.n_layer * T * cfg->model.n_embd;         // causal: (T/2) * C * 2 matmuls per token
+    return 6.0 * (macs + attn);
+}
+
+// The start-up summary (DESIGN 3): per projection its structure, core shapes, parameters and MACs
+// per token next to the dense layer's, then the totals (parameters counted from the table, FLOPs at
+// context T). Printed, and returned as one JSON record for log.jsonl (malloc'd).
+static char *model_summary(const ParamTable *p, const Config *cfg, const Structure st[NUM_LINEAR], int T, int step) {
+    int L = cfg->model.n_layer;
+    printf("model: %d layers, %d heads, n_embd %d, block_size %d, vocab %d (padded %d)%s%s%s\n",
+           L, cfg->model.n_head, cfg->model.n_embd, cfg->model.block_size, cfg->model.vocab_size, cfg->model.padded_vocab_size,
+           cfg->model.qk_norm ? ", qk_norm" : "", strcmp(cfg->model.attn_scale, "mup") ? "" : ", attn_scale mup",
+           strcmp(cfg->model.parametrization, "mup") ? "" : ", parametrization mup");
+    int w = 36;   // the structure column fits the longest description
+    for (int k = 0; k < NUM_LINEAR; k++) {
+        char desc[256];
+        int n = (int)strlen(structure_describe(&st[k], desc, sizeof desc));
+        if (n > w) w = n;
+    }
+    printf("%-9s %-12s %-*s %11s %11s %11s %7s\n", "layer", "shape", w, "structure (cores (blocks, out, in))",
+           "params", "MACs/token", "dense", "ratio");
+    size_t cap = 4096, len = 0, total = 0;
+    char *rec = (char *)malloc(cap);
+    if (!rec) { fprintf(stderr, "error: out of memory\n"); exit(1); }
+    len += snprintf(rec, cap, "{\"type\": \"model\", \"step\": %d, \"layers\": [", step);
+    double macs = 0.0, dense_macs = 0.0, lin_params = 0.0;
+    for (int k = 0; k < NUM_LINEAR; k++) {
+        const Structure *s = &st[k];
+        char shape[32], desc[256];
+        snprintf(shape, sizeof shape, "%d -> %d", s->d_in, s->d_out);
+        structure_describe(s, desc, sizeof desc);
+        long long params = s->params + s->d_out + (s->rms_cap ? s->ncores : 0);   // + bias, gamma
+        printf("%-9s %-12s %-*s %11lld %11.0f %11.0f %6.3fx\n", linear_names[k], shape, w, desc, params, s->macs,
+               s->dense_macs, s->macs / s->dense_macs);
+        len += snprintf(rec + len, cap - len, "%s{\"name\": \"%s\", \"d_in\": %d, \"d_out\": %d, \"structure\": \"%s\", "
+                        "\"params\": %lld, \"macs\": %.0f, \"dense_macs\": %.0f}", k ? ", " : "", linear_names[k],
+                        s->d_in, s->d_out, desc, params, s->macs, s->dense_macs);
+        macs += s->macs * L;
+        dense_macs += s->dense_macs * L;
+        lin_params += (double)params * L;
+    }
+    for (int i = 0; i < p->n; i++) total += p->t[i].size;
+    double fpt = model_flops_per_token(cfg, st, T);
+    printf("totals (x%d layers): linear layers %.0f params, %.4g MACs/token (%.3fx dense); model %zu params; "
+           "training FLOPs/token %.4g (T=%d)\n", L, lin_params, macs, macs / dense_macs, total, fpt, T);
+    snprintf(rec + len, cap - len, "], \"linear_params\": %.0f, \"linear_macs\": %.0f, \"dense_linear_macs\": %.0f, "
+             "\"params\": %zu, \"flops_per_token\": %.6g}", lin_params, macs, dense_macs, total, fpt);
+    return rec;
+}
+
 #endif
