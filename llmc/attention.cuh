@@ -77,6 +77,22 @@ __device__ __forceinline__ void attn_acc_to_a(uint32_t a[4], const float lo[4], 
     a[3] = pack_bf16x2(hi[2], hi[3]);
 }
 
+// acc (16 rows, 16 KD columns: 2 KD n-blocks of 8) += A B, one k-step of 16: A (16 rows, 16) from the
+// fp32 accumulators lo, hi (n-blocks 2kk, 2kk + 1 of a previous product) rounded to bf16, B the tile's
+// rows k0..k0+15 (all 16 KD columns). P V, P^T dO, dS^T Q and dS K are each a loop of these.
+template <int KD>
+__device__ __forceinline__ void attn_mma_acc_tile(float acc[][4], const float lo[4], const float hi[4], const bf16 *tile,
+                                                  int ld, int k0, int lane) {
+    uint32_t a[4];
+    attn_acc_to_a(a, lo, hi);
+    for (int dp = 0; dp < KD; dp++) {
+        uint32_t bf[4];
+        ldmatrix_x4_trans(bf, attn_b_addr(tile, ld, k0, dp * 16, lane));
+        mma_bf16_16816(acc[2 * dp], a, bf);
+        mma_bf16_16816(acc[2 * dp + 1], a, bf + 2);
+    }
+}
+
 // ----------------------------------------------------------------------------------------------
 // Forward. Grid: B * NH * ceil(T / 64) blocks, query tiles from the last (most key tiles) down.
 // Shared memory: Q (64, HS + 8) bf16, and two stages of K, V tiles (64, HS + 8): the next tile loads
@@ -151,14 +167,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_forward_kernel(bf16 *o
         // O (16 rows, HS) += P V, k-step kk over keys k0 + 16kk ..
         for (int kk = 0; kk < 4; kk++) {
             if (diag && kk > warp) continue;
-            uint32_t pa[4];
-            attn_acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
-            for (int dp = 0; dp < KD; dp++) {
-                uint32_t vf[4];
-                ldmatrix_x4_trans(vf, attn_b_addr(sV, LD, kk * 16, dp * 16, lane));
-                mma_bf16_16816(o[2 * dp], pa, vf);
-                mma_bf16_16816(o[2 * dp + 1], pa, vf + 2);
-            }
+            attn_mma_acc_tile<KD>(o, s[2 * kk], s[2 * kk + 1], sV, LD, kk * 16, lane);
         }
         __syncthreads();   // every warp is done with this stage before it is refilled
     }
@@ -255,16 +264,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dkdv_kernel(b
                     p[j][i] = masked ? 0.0f : exp2f(p[j][i] * scale_log2 - sL[c]);
                 }
             // dV (16 keys, HS) += P^T dO, k-steps over the queries
-            for (int kq = 0; kq < BQ / 16; kq++) {
-                uint32_t pa[4];
-                attn_acc_to_a(pa, p[2 * kq], p[2 * kq + 1]);
-                for (int d2 = 0; d2 < KD; d2++) {
-                    uint32_t of[4];
-                    ldmatrix_x4_trans(of, attn_b_addr(sdO, LD, kq * 16, d2 * 16, lane));
-                    mma_bf16_16816(dv[2 * d2], pa, of);
-                    mma_bf16_16816(dv[2 * d2 + 1], pa, of + 2);
-                }
-            }
+            for (int kq = 0; kq < BQ / 16; kq++)
+                attn_mma_acc_tile<KD>(dv, p[2 * kq], p[2 * kq + 1], sdO, LD, kq * 16, lane);
             // dP^T (16 keys, BQ queries) = V dO^T
             for (int kd = 0; kd < KD; kd++) {
                 uint32_t vf[4];
@@ -279,16 +280,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dkdv_kernel(b
             // dS^T = P^T (dP^T - D) (into p), then dK (16 keys, HS) += dS^T Q
             for (int j = 0; j < NQ; j++)
                 for (int i = 0; i < 4; i++) p[j][i] *= dp[j][i] - sD[8 * j + 2 * t4 + (i & 1)];
-            for (int kq = 0; kq < BQ / 16; kq++) {
-                uint32_t da[4];
-                attn_acc_to_a(da, p[2 * kq], p[2 * kq + 1]);
-                for (int d2 = 0; d2 < KD; d2++) {
-                    uint32_t qf[4];
-                    ldmatrix_x4_trans(qf, attn_b_addr(sQ, LD, kq * 16, d2 * 16, lane));
-                    mma_bf16_16816(dk[2 * d2], da, qf);
-                    mma_bf16_16816(dk[2 * d2 + 1], da, qf + 2);
-                }
-            }
+            for (int kq = 0; kq < BQ / 16; kq++)
+                attn_mma_acc_tile<KD>(dk, p[2 * kq], p[2 * kq + 1], sQ, LD, kq * 16, lane);
         }
         __syncthreads();   // every warp is done with this stage before it is refilled
     }
@@ -375,14 +368,7 @@ __global__ void __launch_bounds__(ATTN_THREADS, ATTN_DQ_MIN_BLOCKS(HS)) attentio
         // dQ (16 rows, HS) += dS K, k-steps over the keys
         for (int kk = 0; kk < 4; kk++) {
             if (diag && kk > warp) continue;
-            uint32_t da[4];
-            attn_acc_to_a(da, p[2 * kk], p[2 * kk + 1]);
-            for (int d2 = 0; d2 < KD; d2++) {
-                uint32_t kf[4];
-                ldmatrix_x4_trans(kf, attn_b_addr(sK, LD, kk * 16, d2 * 16, lane));
-                mma_bf16_16816(dq[2 * d2], da, kf);
-                mma_bf16_16816(dq[2 * d2 + 1], da, kf + 2);
-            }
+            attn_mma_acc_tile<KD>(dq, p[2 * kk], p[2 * kk + 1], sK, LD, kk * 16, lane);
         }
         __syncthreads();
     }
