@@ -762,48 +762,6 @@ static int gpt2_save_checkpoint(GPT2 *m, const char *run_dir, const TrainState *
 }
 
 
-// llm.c's model file (gpt2_124M.bin): parameters in llm.c order, each kind concatenated over layers.
-static int gpt2_load_llmc(GPT2 *m, const char *path, float *host, char *err) {
-    int h[8];
-    float *src;
-    size_t n;
-    if (llmc_model_read(path, h, &src, &n, err, ERRLEN)) return -1;
-    const char *what[6] = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "padded_vocab_size"};
-    int ours[6] = {m->maxT, m->V, m->L, m->NH, m->C, m->Vp};
-    for (int k = 0; k < NUM_LINEAR; k++) {
-        if (m->layers[0].lin[k].s.type != STRUCT_DENSE || m->cfg.model.qk_norm) {
-            snprintf(err, ERRLEN, "%s: an llm.c model is dense GPT-2, but the config's model.linear.%s is \"%s\"%s "
-                     "(convert it first: dev/tools/project %s OUT.safetensors --to TYPE)", path, linear_names[k],
-                     m->cfg.model.linear[k].type, m->cfg.model.qk_norm ? " with qk_norm" : "", path);
-            free(src);
-            return -1;
-        }
-    }
-    for (int i = 0; i < 6; i++) {
-        if (h[2 + i] != ours[i]) {
-            snprintf(err, ERRLEN, "%s: the file's %s is %d but the config's model.%s is %d (use --set model.%s=%d)",
-                     path, what[i], h[2 + i], what[i], ours[i], what[i], h[2 + i]);
-            free(src);
-            return -1;
-        }
-    }
-    const float *p = src;
-    // one llm.c kind (L tensors back to back) into our per-layer tensors
-    #define TAKE_ONE(idx) { ParamTensor *t = &m->pt.t[idx]; memcpy(host + t->offset, p, t->size * sizeof(float)); p += t->size; }
-    #define TAKE_LAYERS(field) for (int l = 0; l < m->L; l++) TAKE_ONE(m->layers[l].field)
-    TAKE_ONE(m->wte); TAKE_ONE(m->wpe);
-    TAKE_LAYERS(ln1w); TAKE_LAYERS(ln1b);
-    TAKE_LAYERS(lin[LIN_ATTN_QKV].core[0]); TAKE_LAYERS(lin[LIN_ATTN_QKV].b);
-    TAKE_LAYERS(lin[LIN_ATTN_PROJ].core[0]); TAKE_LAYERS(lin[LIN_ATTN_PROJ].b);
-    TAKE_LAYERS(ln2w); TAKE_LAYERS(ln2b);
-    TAKE_LAYERS(lin[LIN_MLP_FC].core[0]); TAKE_LAYERS(lin[LIN_MLP_FC].b);
-    TAKE_LAYERS(lin[LIN_MLP_PROJ].core[0]); TAKE_LAYERS(lin[LIN_MLP_PROJ].b);
-    TAKE_ONE(m->lnfw); TAKE_ONE(m->lnfb);
-    #undef TAKE_LAYERS
-    #undef TAKE_ONE
-    free(src);
-    return 0;
-}
 
 // --init-from FILE: our model.safetensors (or a checkpoint directory holding one), or an llm.c .bin
 static int gpt2_init_from(GPT2 *m, const char *path, char *err) {
@@ -819,7 +777,7 @@ static int gpt2_init_from(GPT2 *m, const char *path, char *err) {
     float *host = (float *)xcalloc(m->num_params * sizeof(float));
     int rc;
     if (got == 1 && magic == 20240326) {
-        rc = gpt2_load_llmc(m, file, host, err);
+        rc = param_load_llmc(&m->pt, &m->cfg, file, host, err, ERRLEN);
     } else {
         SafeTensors st;
         rc = safetensors_read(&st, file, err, ERRLEN);

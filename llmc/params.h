@@ -174,6 +174,60 @@ static int param_load(const ParamTable *p, const SafeTensors *st, const char *pa
     return 0;
 }
 
+// llm.c's model file (gpt2_124M.bin, magic 20240326) into the flat array base: the parameters in
+// llm.c's order (wte, wpe, then each kind concatenated over the layers, then lnf), found here by
+// name. Refused, naming the file: a config whose model is not dense GPT-2, or whose sizes differ.
+static int param_load_llmc(const ParamTable *p, const Config *cfg, const char *path, float *base, char *err,
+                           size_t errlen) {
+    for (int k = 0; k < NUM_LINEAR; k++) {
+        if (strcmp(cfg->model.linear[k].type, "dense") || cfg->model.qk_norm) {
+            snprintf(err, errlen, "%s: an llm.c model is dense GPT-2, but the config's model.linear.%s is \"%s\"%s "
+                     "(convert it first: dev/tools/project %s OUT.safetensors --to TYPE)", path, linear_names[k],
+                     cfg->model.linear[k].type, cfg->model.qk_norm ? " with qk_norm" : "", path);
+            return -1;
+        }
+    }
+    int h[8];
+    float *src;
+    size_t n;
+    if (llmc_model_read(path, h, &src, &n, err, errlen)) return -1;
+    const char *what[6] = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "padded_vocab_size"};
+    int ours[6] = {cfg->model.block_size, cfg->model.vocab_size, cfg->model.n_layer, cfg->model.n_head,
+                   cfg->model.n_embd, cfg->model.padded_vocab_size};
+    for (int i = 0; i < 6; i++) {
+        if (h[2 + i] != ours[i]) {
+            snprintf(err, errlen, "%s: the file's %s is %d but the config's model.%s is %d (use --set model.%s=%d)",
+                     path, what[i], h[2 + i], what[i], ours[i], what[i], h[2 + i]);
+            free(src);
+            return -1;
+        }
+    }
+    static const char *const kinds[] = {"ln1.w", "ln1.b", "attn_qkv.W", "attn_qkv.b", "attn_proj.W", "attn_proj.b",
+                                        "ln2.w", "ln2.b", "mlp_fc.W", "mlp_fc.b", "mlp_proj.W", "mlp_proj.b"};
+    int nk = (int)(sizeof kinds / sizeof kinds[0]), L = cfg->model.n_layer;
+    size_t used = 0;
+    for (int i = -2; i < nk * L + 2; i++) {   // -2, -1: wte, wpe; then kind i / L of layer i % L; then lnf
+        char name[64];
+        if (i < 0) snprintf(name, sizeof name, "%s", i == -2 ? "wte" : "wpe");
+        else if (i < nk * L) snprintf(name, sizeof name, "h.%d.%s", i % L, kinds[i / L]);
+        else snprintf(name, sizeof name, "%s", i == nk * L ? "lnf.w" : "lnf.b");
+        int t = param_find(p, name);
+        if (t < 0 || used + p->t[t].size > n) {
+            snprintf(err, errlen, "%s: %s: %s", path, name, t < 0 ? "not in the config's model" : "the file ends first");
+            free(src);
+            return -1;
+        }
+        memcpy(base + p->t[t].offset, src + used, p->t[t].size * sizeof(float));
+        used += p->t[t].size;
+    }
+    free(src);
+    if (used != n) {
+        snprintf(err, errlen, "%s: %zu parameters, but the config's model has %zu", path, n, used);
+        return -1;
+    }
+    return 0;
+}
+
 // ----------------------------------------------------------------------------------------------
 // What the model costs. st: the structure of each projection (the same in every block).
 
