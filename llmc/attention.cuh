@@ -77,6 +77,22 @@ __device__ __forceinline__ void attn_acc_to_a(uint32_t a[4], const float lo[4], 
     a[3] = pack_bf16x2(hi[2], hi[3]);
 }
 
+// acc (16 rows, 16 NB columns: 2 NB n-blocks of 8) += A B^T over the head dimension (16 KD): A the rows
+// ra..ra+15 of tile ta, B the rows 0..16 NB - 1 of tile tb (both row-major, stride ld). K Q^T and V dO^T.
+template <int KD, int NB>
+__device__ __forceinline__ void attn_mma_rows_bt(float acc[][4], const bf16 *ta, int ra, const bf16 *tb, int ld,
+                                                 int lane) {
+    for (int kd = 0; kd < KD; kd++) {
+        uint32_t af[4];
+        ldmatrix_x4(af, attn_a_addr(ta, ld, ra, kd * 16, lane));
+        for (int jp = 0; jp < NB; jp++) {
+            uint32_t bf[4];
+            ldmatrix_x4(bf, attn_bt_addr(tb, ld, jp * 16, kd * 16, lane));
+            mma_bf16_16816(acc[2 * jp], af, bf);
+            mma_bf16_16816(acc[2 * jp + 1], af, bf + 2);
+        }
+    }
+}
 // acc (16 rows, 16 KD columns: 2 KD n-blocks of 8) += A B, one k-step of 16: A (16 rows, 16) from the
 // fp32 accumulators lo, hi (n-blocks 2kk, 2kk + 1 of a previous product) rounded to bf16, B the tile's
 // rows k0..k0+15 (all 16 KD columns). P V, P^T dO, dS^T Q and dS K are each a loop of these.
@@ -247,16 +263,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dkdv_kernel(b
         if (q0 + BQ > k0 + warp * 16) {    // else every query of the tile is before this warp's keys
             // S^T (16 keys, BQ queries) = K Q^T, then P^T = exp(scale S^T - lse)
             float p[NQ][4] = {}, dp[NQ][4] = {};
-            for (int kd = 0; kd < KD; kd++) {
-                uint32_t kf[4];
-                ldmatrix_x4(kf, attn_a_addr(sK, LD, warp * 16, kd * 16, lane));
-                for (int jp = 0; jp < BQ / 16; jp++) {
-                    uint32_t qf[4];
-                    ldmatrix_x4(qf, attn_bt_addr(sQ, LD, jp * 16, kd * 16, lane));
-                    mma_bf16_16816(p[2 * jp], kf, qf);
-                    mma_bf16_16816(p[2 * jp + 1], kf, qf + 2);
-                }
-            }
+            attn_mma_rows_bt<KD, BQ / 16>(p, sK, warp * 16, sQ, LD, lane);
             for (int j = 0; j < NQ; j++)
                 for (int i = 0; i < 4; i++) {
                     int c = 8 * j + 2 * t4 + (i & 1);   // query q0 + c
@@ -267,16 +274,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_backward_dkdv_kernel(b
             for (int kq = 0; kq < BQ / 16; kq++)
                 attn_mma_acc_tile<KD>(dv, p[2 * kq], p[2 * kq + 1], sdO, LD, kq * 16, lane);
             // dP^T (16 keys, BQ queries) = V dO^T
-            for (int kd = 0; kd < KD; kd++) {
-                uint32_t vf[4];
-                ldmatrix_x4(vf, attn_a_addr(sV, LD, warp * 16, kd * 16, lane));
-                for (int jp = 0; jp < BQ / 16; jp++) {
-                    uint32_t of[4];
-                    ldmatrix_x4(of, attn_bt_addr(sdO, LD, jp * 16, kd * 16, lane));
-                    mma_bf16_16816(dp[2 * jp], vf, of);
-                    mma_bf16_16816(dp[2 * jp + 1], vf, of + 2);
-                }
-            }
+            attn_mma_rows_bt<KD, BQ / 16>(dp, sV, warp * 16, sdO, LD, lane);
             // dS^T = P^T (dP^T - D) (into p), then dK (16 keys, HS) += dS^T Q
             for (int j = 0; j < NQ; j++)
                 for (int i = 0; i < 4; i++) p[j][i] *= dp[j][i] - sD[8 * j + 2 * t4 + (i & 1)];
