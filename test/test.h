@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdint.h>
+#include <dirent.h>
 
 static int test_failures = 0;
 
@@ -46,6 +48,55 @@ static double max_abs(const float *x, size_t n) {
     double m = 0.0;
     for (size_t i = 0; i < n; i++) if (fabs((double)x[i]) > m) m = fabs((double)x[i]);
     return m;
+}
+
+// Random test data: uniform in [-1, 1) from splitmix64 (its state set directly to reseed).
+static uint64_t test_rng_state = 0x9E3779B97F4A7C15ull;
+static float urand(void) {
+    uint64_t z = (test_rng_state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (float)((double)(z >> 40) / 8388608.0 - 1.0);
+}
+static float *rand_buf(size_t n, float scale) {   // malloc'd, n values scale * urand()
+    float *b = (float *)malloc((n ? n : 1) * sizeof(float));
+    for (size_t i = 0; i < n; i++) b[i] = scale * urand();
+    return b;
+}
+static double *to_double(const float *a, size_t n) {   // malloc'd copy in double
+    double *d = (double *)malloc((n ? n : 1) * sizeof(double));
+    for (size_t i = 0; i < n; i++) d[i] = a[i];
+    return d;
+}
+// Relative error of a fp32 tensor vs a double reference, relative to the reference's scale (max |ref|).
+static double rel_err_d(const float *a, const double *ref, size_t n) {
+    double scale = 0, worst = 0;
+    for (size_t i = 0; i < n; i++) if (fabs(ref[i]) > scale) scale = fabs(ref[i]);
+    if (scale == 0) scale = 1;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)a[i] - ref[i]) / scale;
+        if (!(e <= worst)) worst = e;  // NaN counts as worst
+    }
+    return worst;
+}
+
+// Runs fn on every test/fixtures/PREFIX*.safetensors (directory order); returns the sum of fn's results
+// (fn returns 1 for a fixture it compared).
+static int each_fixture(const char *prefix, int (*fn)(const char *path)) {
+    DIR *dir = opendir("test/fixtures");
+    int found = 0;
+    size_t np = strlen(prefix);
+    struct dirent *e;
+    while (dir && (e = readdir(dir))) {
+        size_t len = strlen(e->d_name);
+        if (strncmp(e->d_name, prefix, np) || len < np + 12 || strcmp(e->d_name + len - 12, ".safetensors")) continue;
+        char path[512];
+        snprintf(path, sizeof path, "test/fixtures/%s", e->d_name);
+        found += fn(path);
+    }
+    if (dir) closedir(dir);
+    return found;
 }
 
 // Exit code for main: non-zero when any check failed.

@@ -22,32 +22,7 @@
 #define TOL_FWD 1e-5
 #define TOL_GRAD 1e-4
 
-static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
-static float urand(void) {  // uniform in [-1, 1), splitmix64
-    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (float)((double)(z >> 40) / 8388608.0 - 1.0);
-}
-static float *rand_buf(size_t n) {
-    float *b = malloc((n ? n : 1) * sizeof(float));
-    for (size_t i = 0; i < n; i++) b[i] = urand();
-    return b;
-}
 static void fill(float *b, size_t n, float v) { for (size_t i = 0; i < n; i++) b[i] = v; }
-
-// Relative error of a fp32 tensor vs a double reference, relative to the reference's scale.
-static double rel_err_d(const float *a, const double *ref, size_t n) {
-    double scale = 0, worst = 0;
-    for (size_t i = 0; i < n; i++) if (fabs(ref[i]) > scale) scale = fabs(ref[i]);
-    if (scale == 0) scale = 1;
-    for (size_t i = 0; i < n; i++) {
-        double e = fabs((double)a[i] - ref[i]) / scale;
-        if (!(e <= worst)) worst = e;  // NaN counts as worst
-    }
-    return worst;
-}
 
 // ----------------------------------------------------------------------------
 // Primitives: every block of a column slice of wider matrices (row strides > slice width), the
@@ -81,7 +56,7 @@ static void test_primitives(const PrimCase *pc) {
     int wx = nb * p, wy = nb * q, ldx = wx + pc->padx, ldy = wy + pc->pady, offx = pc->padx / 2, offy = pc->pady - pc->pady / 3;
     char name[160], what[200];
     snprintf(name, sizeof name, "N=%d nb=%d p=%d q=%d ldx=%d ldy=%d", N, nb, p, q, ldx, ldy);
-    float *W = rand_buf((size_t)nb * q * p);
+    float *W = rand_buf((size_t)nb * q * p, 1.0f);
     float *x = slice_buf(N, ldx, offx, wx, 1), *dy = slice_buf(N, ldy, offy, wy, 1);
     double *ref_y = malloc((size_t)N * wy * sizeof(double)), *ref_dx = malloc((size_t)N * wx * sizeof(double));
     double *ref_dW = malloc((size_t)nb * q * p * sizeof(double));
@@ -122,7 +97,7 @@ static void test_primitives(const PrimCase *pc) {
         free(dx);
     }
     // backward_weight: dW += dy^T x per block, onto a non-zero dW
-    float *dW = rand_buf((size_t)nb * q * p);
+    float *dW = rand_buf((size_t)nb * q * p, 1.0f);
     for (int i = 0; i < nb; i++)
         for (int j = 0; j < q; j++)
             for (int k = 0; k < p; k++) {
@@ -140,7 +115,7 @@ static void test_primitives(const PrimCase *pc) {
 
 static void test_token_transpose(int N, int a, int b, int r) {
     size_t row = (size_t)a * b * r;
-    float *in = rand_buf(N * row), *out = malloc(N * row * sizeof(float)), *back = malloc(N * row * sizeof(float));
+    float *in = rand_buf(N * row, 1.0f), *out = malloc(N * row * sizeof(float)), *back = malloc(N * row * sizeof(float));
     fill(out, N * row, NAN);
     token_transpose(out, in, N, a, b, r);
     int bad = 0;
@@ -247,12 +222,6 @@ static double functional(const Dims *d, const double *W0, const double *W1, cons
     return s;
 }
 
-static double *to_double(const float *a, size_t n) {
-    double *d = malloc((n ? n : 1) * sizeof(double));
-    for (size_t i = 0; i < n; i++) d[i] = a[i];
-    return d;
-}
-
 // Gradient of L wrt core `which_core` by central differences (step 1; L is linear in each core).
 // fd_all: every entry into ref; else ndir random directions: ref[k] = dL along dir k, got[k] = <grad, dir k>.
 static double check_core_grad(const Dims *d, double *W0, double *W1, const double *G, double *Wd,
@@ -324,8 +293,8 @@ static void test_layer(const LayerCase *lc) {
     check(s0 == n0w && s1 == n1w && s.d_in == di && s.d_out == dout, what, "%zu %zu vs %zu %zu", s0, s1, n0w, n1w);
     if (s0 != n0w || s1 != n1w) return;
 
-    float *x = rand_buf((size_t)N * di), *dy = rand_buf((size_t)N * dout);
-    float *W0 = rand_buf(n0w), *W1 = n1w ? rand_buf(n1w) : NULL;
+    float *x = rand_buf((size_t)N * di, 1.0f), *dy = rand_buf((size_t)N * dout, 1.0f);
+    float *W0 = rand_buf(n0w, 1.0f), *W1 = n1w ? rand_buf(n1w, 1.0f) : NULL;
     size_t nsaved = structured_saved_floats(&s, N), nscratch = structured_scratch_floats(&s, N);
     float *saved = malloc((nsaved ? nsaved : 1) * sizeof(float)), *scratch = malloc((nscratch ? nscratch : 1) * sizeof(float));
     float *y = malloc((size_t)N * dout * sizeof(float)), *dx = malloc((size_t)N * di * sizeof(float));
@@ -518,17 +487,7 @@ static int test_fixture(const char *path) {
 }
 
 static void test_fixtures(void) {
-    DIR *dir = opendir("test/fixtures");
-    int found = 0;
-    struct dirent *e;
-    while (dir && (e = readdir(dir))) {
-        size_t len = strlen(e->d_name);
-        if (strncmp(e->d_name, "linear_", 7) || len < 12 || strcmp(e->d_name + len - 12, ".safetensors")) continue;
-        char path[512];
-        snprintf(path, sizeof path, "test/fixtures/%s", e->d_name);
-        found += test_fixture(path);
-    }
-    if (dir) closedir(dir);
+    int found = each_fixture("linear_", test_fixture);
     printf("# %d layer fixture(s) test/fixtures/linear_*.safetensors compared\n", found);
 }
 
