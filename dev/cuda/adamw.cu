@@ -28,7 +28,7 @@ int main(void) {
         p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
     }
     float *h = dev_to_host_f32(dp, n);
-    dev_check("AdamW master weights", dev_rel_err(h, p, n), 1e-6);
+    dev_check("AdamW master weights", ref_rel_err(h, p, n), 1e-6);
     float *hb = dev_to_host_bf16(dparam, n);
     int exact = 1;
     for (size_t i = 0; i < n; i++) exact &= bf16_to_float_host(__float2bfloat16(h[i])) == hb[i];
@@ -36,10 +36,10 @@ int main(void) {
     free(h);
     free(hb);
     h = dev_to_host_f32(dm, n);
-    dev_check("AdamW m", dev_rel_err(h, m0, n), 1e-6);
+    dev_check("AdamW m", ref_rel_err(h, m0, n), 1e-6);
     free(h);
     h = dev_to_host_f32(dv, n);
-    dev_check("AdamW v", dev_rel_err(h, v0, n), 1e-6);
+    dev_check("AdamW v", ref_rel_err(h, v0, n), 1e-6);
     free(h);
 
     float *scratch, *out;
@@ -53,7 +53,7 @@ int main(void) {
     double want = 0.0;
     for (size_t i = 0; i < n; i++) want += (double)g[i] * g[i];
     float wantf = (float)want;
-    dev_check("gradient sum of squares", dev_rel_err(&got, &wantf, 1), 1e-4);
+    dev_check("gradient sum of squares", ref_rel_err(&got, &wantf, 1), 1e-4);
     dev_check("gradient sum of squares is deterministic", got == got2 ? 0.0 : 1.0, 0.5);
 
     // timing: GPT-2 124M

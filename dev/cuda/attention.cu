@@ -244,24 +244,24 @@ static void check(int B, int T, int C, int NH, int v1) {
         attention_forward_v1(out, att, d_qkv, &s, B, T, C, NH, scale, main_stream);
         attention_backward_v1(dqkv, d_dout, d_qkv, att, &s, B, T, C, NH, scale, main_stream);
         snprintf(what, sizeof what, "v1 forward B=%d T=%d C=%d NH=%d", B, T, C, NH);
-        dev_check(what, dev_rel_err(h = dev_to_host_bf16(out, n), rout, n), 2e-2);
+        dev_check(what, ref_rel_err(h = dev_to_host_bf16(out, n), rout, n), 2e-2);
         free(h);
         snprintf(what, sizeof what, "v1 backward (dq, dk, dv) B=%d T=%d C=%d NH=%d", B, T, C, NH);
-        dev_check(what, dev_rel_err(h = dev_to_host_bf16(dqkv, n3), rdqkv, n3), 2e-2);
+        dev_check(what, ref_rel_err(h = dev_to_host_bf16(dqkv, n3), rdqkv, n3), 2e-2);
         free(h);
         free_v1(&s, att);
     }
     attention_forward(out, lse, d_qkv, B, T, C, NH, scale, main_stream);
     snprintf(what, sizeof what, "v2 forward B=%d T=%d C=%d NH=%d", B, T, C, NH);
-    dev_check(what, dev_rel_err(h = dev_to_host_bf16(out, n), rout, n), 2e-2);
+    dev_check(what, ref_rel_err(h = dev_to_host_bf16(out, n), rout, n), 2e-2);
     free(h);
     snprintf(what, sizeof what, "v2 forward lse B=%d T=%d C=%d NH=%d", B, T, C, NH);
-    dev_check(what, dev_rel_err(h = dev_to_host_f32(lse, nl), rlse, nl), 1e-4);
+    dev_check(what, ref_rel_err(h = dev_to_host_f32(lse, nl), rlse, nl), 1e-4);
     free(h);
     cudaCheck(cudaMemset(dqkv, 0xFF, n3 * 2));   // NaN: every entry must be written
     attention_backward(dqkv, d_dout, d_qkv, out, lse, scratch, B, T, C, NH, scale, main_stream);
     snprintf(what, sizeof what, "v2 backward (dq, dk, dv) B=%d T=%d C=%d NH=%d", B, T, C, NH);
-    dev_check(what, dev_rel_err(h = dev_to_host_bf16(dqkv, n3), rdqkv, n3), 2e-2);
+    dev_check(what, ref_rel_err(h = dev_to_host_bf16(dqkv, n3), rdqkv, n3), 2e-2);
     attention_backward(dqkv2, d_dout, d_qkv, out, lse, scratch, B, T, C, NH, scale, main_stream);
     float *h2 = dev_to_host_bf16(dqkv2, n3);
     snprintf(what, sizeof what, "v2 backward is deterministic B=%d T=%d C=%d NH=%d", B, T, C, NH);

@@ -213,11 +213,11 @@ static void check_shape(int N, int nb, int p, int q, int padx, int pady, TokenPe
         float *gy = gather_cols(hy, N, ldy, nb * q, yp), *gdx = gather_cols(hdx, N, ldx, nb * p, xp);
         const char *pd = perm ? " through permutations" : "";
         snprintf(what, sizeof what, "%s forward N=%d nb=%d %d->%d ldx=%d ldy=%d%s", vname[v], N, nb, p, q, ldx, ldy, pd);
-        dev_check(what, dev_rel_err(gy, ry, (size_t)N * nb * q), 1e-2);
+        dev_check(what, ref_rel_err(gy, ry, (size_t)N * nb * q), 1e-2);
         snprintf(what, sizeof what, "%s backward input N=%d nb=%d %d->%d%s", vname[v], N, nb, p, q, pd);
-        dev_check(what, dev_rel_err(gdx, rdx, (size_t)N * nb * p), 1e-2);
+        dev_check(what, ref_rel_err(gdx, rdx, (size_t)N * nb * p), 1e-2);
         snprintf(what, sizeof what, "%s backward weight (+=) N=%d nb=%d %d->%d%s", vname[v], N, nb, p, q, pd);
-        dev_check(what, dev_rel_err(hW, rdW, (size_t)nb * q * p), 1e-2);
+        dev_check(what, ref_rel_err(hW, rdW, (size_t)nb * q * p), 1e-2);
         free(hy); free(hdx); free(hW); free(gy); free(gdx);
     }
     cudaFree(dx_); cudaFree(dW_); cudaFree(ddy_); cudaFree(dWacc); cudaFree(y); cudaFree(dxo); cudaFree(gW); cudaFree(scratch);

@@ -79,10 +79,10 @@ static void check_structure(const Structure *s, int N, uint64_t seed) {
         run_path(path, s, y, dx, dW0, dW1, saved, z, v, N);
         float *hy = dev_to_host_bf16(y, (size_t)N * s->d_out), *hs = dev_to_host_bf16(saved, (size_t)N * s->mid_width);
         snprintf(what, sizeof what, "%s %s: y vs blockdiag.h (N=%d)", pname[path], desc, N);
-        dev_check(what, dev_rel_err(hy, ry, (size_t)N * s->d_out), 1e-2);
+        dev_check(what, ref_rel_err(hy, ry, (size_t)N * s->d_out), 1e-2);
         if (path != P_FUSED_NOSAVE) {
             snprintf(what, sizeof what, "%s %s: z' vs blockdiag.h", pname[path], desc);
-            dev_check(what, dev_rel_err(hs, rs, (size_t)N * s->mid_width), 1e-2);
+            dev_check(what, ref_rel_err(hs, rs, (size_t)N * s->mid_width), 1e-2);
         }
         free(hy); free(hs);
     }

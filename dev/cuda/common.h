@@ -9,6 +9,7 @@
 #include <string.h>
 #include <math.h>
 #include "llmc/cuda_common.cuh"
+#include "dev/cuda/cpu_ref.h"   // ref_rel_err
 
 static int dev_failures = 0;
 
@@ -56,17 +57,6 @@ static float *dev_to_host_f32(const float *d, size_t n) {
     return h;
 }
 
-// max |a - ref| / max |ref|
-static double dev_rel_err(const float *a, const float *ref, size_t n) {
-    double worst = 0.0, scale = 0.0;
-    for (size_t i = 0; i < n; i++) scale = fmax(scale, fabs((double)ref[i]));
-    if (scale == 0.0) scale = 1.0;
-    for (size_t i = 0; i < n; i++) {
-        double e = fabs((double)a[i] - ref[i]) / scale;
-        if (!(e <= worst)) worst = e;
-    }
-    return worst;
-}
 static void dev_check(const char *what, double err, double tol) {
     if (err < tol) printf("ok - %s (rel err %.2e < %.0e)\n", what, err, tol);
     else { printf("FAIL - %s: rel err %.3e >= %.0e\n", what, err, tol); dev_failures++; }

@@ -3,6 +3,7 @@
 // the dev/cuda programs and the emulation check. fp32 throughout; see the headers for the semantics.
 #ifndef DEV_CUDA_CPU_REF_H
 #define DEV_CUDA_CPU_REF_H
+#include <math.h>
 #include <stddef.h>
 #include "llmc/structure.h"
 #ifdef __cplusplus
@@ -54,5 +55,17 @@ static Structure dev_structure(int C, int which, const char *type, int blocks, i
     char err[256];
     if (structure_resolve(&s, &c, which, err, sizeof err)) { fprintf(stderr, "structure: %s\n", err); exit(1); }
     return s;
+}
+
+// max |a - ref| / max |ref|: the error measure of every GPU and emulation check (NaN counts as worst)
+static double ref_rel_err(const float *a, const float *ref, size_t n) {
+    double worst = 0.0, scale = 0.0;
+    for (size_t i = 0; i < n; i++) scale = fmax(scale, fabs((double)ref[i]));
+    if (scale == 0.0) scale = 1.0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)a[i] - ref[i]) / scale;
+        if (!(e <= worst)) worst = e;
+    }
+    return worst;
 }
 #endif

@@ -54,17 +54,7 @@ static std::vector<float> to_float(const std::vector<bf16> &d) {
     for (size_t i = 0; i < d.size(); i++) h[i] = __bfloat162float(d[i]);
     return h;
 }
-static double rel_err(const float *a, const float *ref, size_t n) {
-    double worst = 0.0, scale = 0.0;
-    for (size_t i = 0; i < n; i++) scale = fmax(scale, fabs((double)ref[i]));
-    if (scale == 0.0) scale = 1.0;
-    for (size_t i = 0; i < n; i++) {
-        double e = fabs((double)a[i] - ref[i]) / scale;
-        if (!(e <= worst)) worst = e;
-    }
-    return worst;
-}
-static double rel_err(const std::vector<float> &a, const std::vector<float> &ref) { return rel_err(a.data(), ref.data(), ref.size()); }
+static double rel_err(const std::vector<float> &a, const std::vector<float> &ref) { return ref_rel_err(a.data(), ref.data(), ref.size()); }
 static float gelu_ref(float x) { return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
 static float gelu_grad_ref(float x) {
     float th = tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x));
@@ -178,7 +168,7 @@ static void check_structured(const Structure *s, int N, int kernel) {
     check(what, rel_err(to_float(gy_), y), tol);
     if (s->ncores == 2) {
         snprintf(what, sizeof what, "%s %s: saved z' vs blockdiag.h", desc, kn);
-        check(what, rel_err(to_float(gsaved_).data(), saved.data(), (size_t)N * s->mid_width), 5e-3);
+        check(what, ref_rel_err(to_float(gsaved_).data(), saved.data(), (size_t)N * s->mid_width), 5e-3);
     }
     std::vector<bf16> gdx_((size_t)N * s->d_in), gdW0_(n0, __float2bfloat16(0.0f)), gdW1_(n1 ? n1 : 1, __float2bfloat16(0.0f));
     std::vector<unsigned char> gscratch(structured_gpu_scratch_bytes(s, N) + 16);
@@ -187,10 +177,10 @@ static void check_structured(const Structure *s, int N, int kernel) {
     snprintf(what, sizeof what, "%s %s: backward dx", desc, kn);
     check(what, rel_err(to_float(gdx_), dx), tol);
     snprintf(what, sizeof what, "%s %s: backward dW0", desc, kn);
-    check(what, rel_err(to_float(gdW0_).data(), dW0.data(), n0), tol);
+    check(what, ref_rel_err(to_float(gdW0_).data(), dW0.data(), n0), tol);
     if (n1) {
         snprintf(what, sizeof what, "%s %s: backward dW1", desc, kn);
-        check(what, rel_err(to_float(gdW1_).data(), dW1.data(), n1), tol);
+        check(what, ref_rel_err(to_float(gdW1_).data(), dW1.data(), n1), tol);
     }
     // the trainer's epilogues: + bias and GELU in forward (mlp_fc), * gelu'(pre) on dx in backward (mlp_proj)
     std::vector<bf16> db_, dpre_, gact_((size_t)N * s->d_out), gpre_((size_t)N * s->d_out);
@@ -291,7 +281,7 @@ static void check_moe(const Structure *s, int N, int kernel, float daux) {
     snprintf(what, sizeof what, "%s %s: aux loss (gpu %.6f cpu %.6f)", desc, kn, sv.aux[0], aux);
     check(what, fabs(sv.aux[0] - aux) / fabs(aux), 1e-3);
     snprintf(what, sizeof what, "%s %s: expert loads", desc, kn);
-    check(what, rel_err(sv.aux + 1, load.data(), E), 1e-6);
+    check(what, ref_rel_err(sv.aux + 1, load.data(), E), 1e-6);
 
     std::vector<bf16> gdx_((size_t)N * s->d_in), gdW0_(n0, __float2bfloat16(0.0f)), gdW1_(n1, __float2bfloat16(0.0f));
     std::vector<bf16> gdG_((size_t)E * s->d_in, __float2bfloat16(0.0f));

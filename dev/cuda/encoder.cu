@@ -25,7 +25,7 @@ int main(void) {
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) ref[(size_t)n * C + c] = wte[(size_t)inp[n] * C + c] + wpe[(size_t)(n % T) * C + c];
     float *h = dev_to_host_bf16(out, (size_t)N * C);
-    dev_check("encoder forward", dev_rel_err(h, ref, (size_t)N * C), 1e-2);
+    dev_check("encoder forward", ref_rel_err(h, ref, (size_t)N * C), 1e-2);
     free(h);
 
     int nints = encoder_buckets(buckets, counts, inp, N, V);
@@ -37,10 +37,10 @@ int main(void) {
             dwpe0[(size_t)(n % T) * C + c] += dout[(size_t)n * C + c];
         }
     h = dev_to_host_bf16(gwte, (size_t)V * C);
-    dev_check("encoder backward dwte (bucketed, no atomics)", dev_rel_err(h, dwte0, (size_t)V * C), 1e-2);
+    dev_check("encoder backward dwte (bucketed, no atomics)", ref_rel_err(h, dwte0, (size_t)V * C), 1e-2);
     free(h);
     h = dev_to_host_bf16(gwpe, (size_t)T * C);
-    dev_check("encoder backward dwpe", dev_rel_err(h, dwpe0, (size_t)T * C), 1e-2);
+    dev_check("encoder backward dwpe", ref_rel_err(h, dwpe0, (size_t)T * C), 1e-2);
     free(h);
 
     // timing: B=16, T=1024, C=768, GPT-2 vocabulary, random tokens

@@ -42,16 +42,16 @@ int main(void) {
         for (int i = 0; i < C; i++) o[(size_t)n * C + i] = (x[i] - mu) * s[n] * w[i] + bias[i];
     }
     float *h = dev_to_host_bf16(res, NC);
-    dev_check("residual = a + b", dev_rel_err(h, r, NC), 1e-2);
+    dev_check("residual = a + b", ref_rel_err(h, r, NC), 1e-2);
     free(h);
     h = dev_to_host_bf16(out, NC);
-    dev_check("LayerNorm output", dev_rel_err(h, o, NC), 1e-2);
+    dev_check("LayerNorm output", ref_rel_err(h, o, NC), 1e-2);
     free(h);
     h = dev_to_host_f32(mean, N);
-    dev_check("mean", dev_rel_err(h, m, N), 1e-4);
+    dev_check("mean", ref_rel_err(h, m, N), 1e-4);
     free(h);
     h = dev_to_host_f32(rstd, N);
-    dev_check("rstd", dev_rel_err(h, s, N), 1e-4);
+    dev_check("rstd", ref_rel_err(h, s, N), 1e-4);
     free(h);
 
     layernorm_backward(ddinp, gw, gb, scratch, ddout, res, dw, mean, rstd, N, C, main_stream);
@@ -70,13 +70,13 @@ int main(void) {
         }
     }
     h = dev_to_host_bf16(ddinp, NC);
-    dev_check("backward dinp (accumulated)", dev_rel_err(h, rdx, NC), 1e-2);
+    dev_check("backward dinp (accumulated)", ref_rel_err(h, rdx, NC), 1e-2);
     free(h);
     h = dev_to_host_bf16(gw, C);
-    dev_check("backward dweight", dev_rel_err(h, rdw, C), 1e-2);
+    dev_check("backward dweight", ref_rel_err(h, rdw, C), 1e-2);
     free(h);
     h = dev_to_host_bf16(gb, C);
-    dev_check("backward dbias", dev_rel_err(h, rdb, C), 1e-2);
+    dev_check("backward dbias", ref_rel_err(h, rdb, C), 1e-2);
     free(h);
 
     // timing: 16 x 1024 tokens, C = 768

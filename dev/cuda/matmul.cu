@@ -42,14 +42,14 @@ int main(void) {
         }
     matmul_forward(out, dx_, dW_, db_, NULL, N, IC, OC, main_stream);
     float *h = dev_to_host_bf16(out, (size_t)N * OC);
-    dev_check("forward + bias epilogue", dev_rel_err(h, ref, (size_t)N * OC), 1e-2);
+    dev_check("forward + bias epilogue", ref_rel_err(h, ref, (size_t)N * OC), 1e-2);
     free(h);
     matmul_forward(out, dx_, dW_, db_, pre, N, IC, OC, main_stream);
     h = dev_to_host_bf16(out, (size_t)N * OC);
-    dev_check("forward + bias + GELU epilogue (tanh approximation)", dev_rel_err(h, refg, (size_t)N * OC), 1e-2);
+    dev_check("forward + bias + GELU epilogue (tanh approximation)", ref_rel_err(h, refg, (size_t)N * OC), 1e-2);
     free(h);
     h = dev_to_host_bf16(pre, (size_t)N * OC);
-    dev_check("GELU epilogue keeps the pre-activation", dev_rel_err(h, ref, (size_t)N * OC), 1e-2);
+    dev_check("GELU epilogue keeps the pre-activation", ref_rel_err(h, ref, (size_t)N * OC), 1e-2);
     float *pre_h = h;
 
     // backward of a layer whose input was gelu(pre): here the (N, OC) matrix plays the input of a
@@ -69,7 +69,7 @@ int main(void) {
     cudaCheck(cudaMemset(gb, 0, IC * 2));
     matmul_backward(dgelu, gW, gb, ddy2, out, dW_, pre, scratch, N, OC, IC, main_stream);
     h = dev_to_host_bf16(dgelu, (size_t)N * OC);
-    dev_check("backward input with fused GELU backward (DGELU epilogue)", dev_rel_err(h, refd, (size_t)N * OC), 2e-2);
+    dev_check("backward input with fused GELU backward (DGELU epilogue)", ref_rel_err(h, refd, (size_t)N * OC), 2e-2);
     free(h);
 
     // weight and bias gradients of the first layer: dW (OC, IC) = dy^T x, db = sum dy
@@ -84,13 +84,13 @@ int main(void) {
             for (int i = 0; i < IC; i++) { rW[(size_t)o * IC + i] += d * x[(size_t)n * IC + i]; rx[(size_t)n * IC + i] += d * W[(size_t)o * IC + i]; }
         }
     h = dev_to_host_bf16(dinp, (size_t)N * IC);
-    dev_check("backward input", dev_rel_err(h, rx, (size_t)N * IC), 1e-2);
+    dev_check("backward input", ref_rel_err(h, rx, (size_t)N * IC), 1e-2);
     free(h);
     h = dev_to_host_bf16(gW, (size_t)OC * IC);
-    dev_check("weight gradient", dev_rel_err(h, rW, (size_t)OC * IC), 1e-2);
+    dev_check("weight gradient", ref_rel_err(h, rW, (size_t)OC * IC), 1e-2);
     free(h);
     h = dev_to_host_bf16(gb, OC);
-    dev_check("bias gradient (deterministic column sums)", dev_rel_err(h, rb, OC), 1e-2);
+    dev_check("bias gradient (deterministic column sums)", ref_rel_err(h, rb, OC), 1e-2);
     free(h);
 
     // ---- timing: GPT-2 124M mlp_fc (768 -> 3072) and mlp_proj, 16 x 1024 tokens

@@ -175,7 +175,7 @@ static void check_moe(const Structure *s, int N, int kernel, float daux, uint64_
     snprintf(what, sizeof what, "%s %s: aux loss (gpu %.6f cpu %.6f)", kn, desc, haux[0], aux);
     dev_check(what, fabs(haux[0] - aux) / fabs(aux), 1e-3);
     snprintf(what, sizeof what, "%s %s: expert loads", kn, desc);
-    dev_check(what, dev_rel_err(haux + 1, load, E), 1e-3);
+    dev_check(what, ref_rel_err(haux + 1, load, E), 1e-3);
     struct { const char *name; bf16 *d; float *ref; size_t n; double tol; } outs[] = {
         {"forward y", gy, y, (size_t)N * s->d_out, 1e-2}, {"backward dx", gdx, dx, (size_t)N * s->d_in, 1e-2},
         {"backward dW0", gdW0, gW0, n0, 1e-2}, {"backward dW1", gdW1, gW1, n1, 1e-2},
@@ -183,7 +183,7 @@ static void check_moe(const Structure *s, int N, int kernel, float daux, uint64_
     for (int i = 0; i < 5; i++) {
         float *h = dev_to_host_bf16(outs[i].d, outs[i].n);
         snprintf(what, sizeof what, "%s %s: %s", kn, desc, outs[i].name);
-        dev_check(what, dev_rel_err(h, outs[i].ref, outs[i].n), outs[i].tol);
+        dev_check(what, ref_rel_err(h, outs[i].ref, outs[i].n), outs[i].tol);
         free(h);
     }
     // the baseline computes the same layer (forward, no bias)
@@ -192,7 +192,7 @@ static void check_moe(const Structure *s, int N, int kernel, float daux, uint64_
         baseline_forward(s, &b, gy, dx_, dW0_, dW1_, dG_, NULL, N);
         float *h = dev_to_host_bf16(gy, (size_t)N * s->d_out);
         snprintf(what, sizeof what, "all-experts baseline %s: forward y vs moe.h", desc);
-        dev_check(what, dev_rel_err(h, y, (size_t)N * s->d_out), 1e-2);
+        dev_check(what, ref_rel_err(h, y, (size_t)N * s->d_out), 1e-2);
         free(h);
         baseline_free(&b);
     }
