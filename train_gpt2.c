@@ -491,21 +491,15 @@ static void gpt2_build(GPT2 *m, const Config *cfg, int Bmax, int Tmax) {
     size_t BT = (size_t)Bmax * Tmax, saved = 0, scratch = 0, weff = 0, dweff = 0, load = 0;
     for (int l = 0; l < L; l++) {
         LayerParams *lp = &m->layers[l];
-        char name[64];
-        snprintf(name, sizeof name, "h.%d.ln1.w", l); lp->ln1w = param_add(&m->pt, name, 1, C, 0, 0, 0, INIT_ONES);
-        snprintf(name, sizeof name, "h.%d.ln1.b", l); lp->ln1b = param_add(&m->pt, name, 1, C, 0, 0, 0, 0.0f);
+        param_add_norm(&m->pt, l, "ln1", C, &lp->ln1w, &lp->ln1b);
         lp->qkw = lp->qkb = lp->kkw = lp->kkb = -1;
         if (qk) {
-            snprintf(name, sizeof name, "h.%d.qk_norm.q.w", l); lp->qkw = param_add(&m->pt, name, 1, hs, 0, 0, 0, INIT_ONES);
-            snprintf(name, sizeof name, "h.%d.qk_norm.q.b", l); lp->qkb = param_add(&m->pt, name, 1, hs, 0, 0, 0, 0.0f);
-            snprintf(name, sizeof name, "h.%d.qk_norm.k.w", l); lp->kkw = param_add(&m->pt, name, 1, hs, 0, 0, 0, INIT_ONES);
-            snprintf(name, sizeof name, "h.%d.qk_norm.k.b", l); lp->kkb = param_add(&m->pt, name, 1, hs, 0, 0, 0, 0.0f);
+            param_add_norm(&m->pt, l, "qk_norm.q", hs, &lp->qkw, &lp->qkb);
+            param_add_norm(&m->pt, l, "qk_norm.k", hs, &lp->kkw, &lp->kkb);
         }
         for (int k = 0; k < NUM_LINEAR; k++) {
-            if (k == LIN_MLP_FC) {   // checkpoint order: the attention half, ln2, the MLP half
-                snprintf(name, sizeof name, "h.%d.ln2.w", l); lp->ln2w = param_add(&m->pt, name, 1, C, 0, 0, 0, INIT_ONES);
-                snprintf(name, sizeof name, "h.%d.ln2.b", l); lp->ln2b = param_add(&m->pt, name, 1, C, 0, 0, 0, 0.0f);
-            }
+            if (k == LIN_MLP_FC)   // checkpoint order: the attention half, ln2, the MLP half
+                param_add_norm(&m->pt, l, "ln2", C, &lp->ln2w, &lp->ln2b);
             Linear *lin = &lp->lin[k];
             *lin = (Linear){.s = st[k], .d_in = st[k].d_in, .d_out = st[k].d_out};
             param_add_linear(&m->pt, &st[k], l, lin->core, lin->gamma, &lin->G, &lin->b);
@@ -523,8 +517,7 @@ static void gpt2_build(GPT2 *m, const Config *cfg, int Bmax, int Tmax) {
             if (cores > dweff) dweff = cores;
         }
     }
-    m->lnfw = param_add(&m->pt, "lnf.w", 1, C, 0, 0, 0, INIT_ONES);
-    m->lnfb = param_add(&m->pt, "lnf.b", 1, C, 0, 0, 0, 0.0f);
+    param_add_norm(&m->pt, -1, "lnf", C, &m->lnfw, &m->lnfb);
     m->num_params = m->pt.num;
     size_t bytes = m->num_params * sizeof(float);
     m->params = xcalloc(bytes);

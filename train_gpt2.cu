@@ -215,21 +215,15 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
     int nstats = 0;
     for (int l = 0; l < L; l++) {
         LayerParams *lp = &m->layers[l];
-        char name[64];
-        snprintf(name, sizeof name, "h.%d.ln1.w", l); lp->ln1w = param_add(&m->pt, name, 1, C, 0, 0, 0, INIT_ONES);
-        snprintf(name, sizeof name, "h.%d.ln1.b", l); lp->ln1b = param_add(&m->pt, name, 1, C, 0, 0, 0, 0.0f);
+        param_add_norm(&m->pt, l, "ln1", C, &lp->ln1w, &lp->ln1b);
         lp->qkw = lp->qkb = lp->kkw = lp->kkb = -1;
         if (qk) {
-            snprintf(name, sizeof name, "h.%d.qk_norm.q.w", l); lp->qkw = param_add(&m->pt, name, 1, hs, 0, 0, 0, INIT_ONES);
-            snprintf(name, sizeof name, "h.%d.qk_norm.q.b", l); lp->qkb = param_add(&m->pt, name, 1, hs, 0, 0, 0, 0.0f);
-            snprintf(name, sizeof name, "h.%d.qk_norm.k.w", l); lp->kkw = param_add(&m->pt, name, 1, hs, 0, 0, 0, INIT_ONES);
-            snprintf(name, sizeof name, "h.%d.qk_norm.k.b", l); lp->kkb = param_add(&m->pt, name, 1, hs, 0, 0, 0, 0.0f);
+            param_add_norm(&m->pt, l, "qk_norm.q", hs, &lp->qkw, &lp->qkb);
+            param_add_norm(&m->pt, l, "qk_norm.k", hs, &lp->kkw, &lp->kkb);
         }
         for (int k = 0; k < NUM_LINEAR; k++) {
-            if (k == LIN_MLP_FC) {   // checkpoint order: the attention half, ln2, the MLP half
-                snprintf(name, sizeof name, "h.%d.ln2.w", l); lp->ln2w = param_add(&m->pt, name, 1, C, 0, 0, 0, INIT_ONES);
-                snprintf(name, sizeof name, "h.%d.ln2.b", l); lp->ln2b = param_add(&m->pt, name, 1, C, 0, 0, 0, 0.0f);
-            }
+            if (k == LIN_MLP_FC)   // checkpoint order: the attention half, ln2, the MLP half
+                param_add_norm(&m->pt, l, "ln2", C, &lp->ln2w, &lp->ln2b);
             Linear *lin = &lp->lin[k];
             memset(lin, 0, sizeof *lin);
             lin->s = st[k];
@@ -254,8 +248,7 @@ static void gpt2_build(GPT2 *m, const Config *cfg, Dist *dist, int Bmax, int Tma
             if (cores > dweff) dweff = cores;
         }
     }
-    m->lnfw = param_add(&m->pt, "lnf.w", 1, C, 0, 0, 0, INIT_ONES);
-    m->lnfb = param_add(&m->pt, "lnf.b", 1, C, 0, 0, 0, 0.0f);
+    param_add_norm(&m->pt, -1, "lnf", C, &m->lnfw, &m->lnfb);
     m->num_params = m->pt.num;
     // ZeRO-1 shards: equal, 128-element aligned slices of the padded flat layout
     size_t unit = (size_t)128 * dist->world;

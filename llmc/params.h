@@ -65,6 +65,17 @@ static const char *shape_str(char *buf, size_t len, int ndim, const long long *s
     return buf;
 }
 
+// A LayerNorm's weight (ones) and bias (zeros) of n channels, named PREFIX.w and PREFIX.b with PREFIX
+// "h.LAYER.NAME" (layer >= 0) or NAME; their indices into *w and *b.
+static void param_add_norm(ParamTable *p, int layer, const char *name, int n, int *w, int *b) {
+    char full[64];
+    if (layer >= 0) snprintf(full, sizeof full, "h.%d.%s.w", layer, name);
+    else snprintf(full, sizeof full, "%s.w", name);
+    *w = param_add(p, full, 1, n, 0, 0, 0, INIT_ONES);
+    full[strlen(full) - 1] = 'b';
+    *b = param_add(p, full, 1, n, 0, 0, 0, 0.0f);
+}
+
 // The tensors of one linear layer (DESIGN section 5 names), their indices into core, gamma, *G, *b
 // (-1: absent): W (dense (d_out, d_in), blockdiag (b, d_out/b, d_in/b)) or W0 and W1 (the cores
 // (nb, q, p)), G (btt_moe's router (E, d_in), zero-initialized, DESIGN 3.6), gamma0/gamma1

@@ -564,7 +564,7 @@ static void test_fixtures(void) {
 }
 
 int main(void) {
-    test_rng_state = 0x2545F4914F6CDD1Dull;   // this test's data, as before the generator moved to test.h
+    test_rng_state = 0x2545F4914F6CDD1Dull;   // this test's seed
     const RandCase cases[] = {
         // what, which, C, E, k, m1, n0, N, gscale, aw, zw, one_expert
         {"E=4 k=2", LIN_ATTN_PROJ, 12, 4, 2, 3, 4, 11, 0.6f, 0.5f, 0.1f, 0},
