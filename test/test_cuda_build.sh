@@ -18,7 +18,9 @@ if ! command -v nvcc > /dev/null; then
 fi
 out=$(mktemp -d /tmp/cuda_build.XXXXXX)
 trap 'rm -rf "$out"' EXIT
-cuda_inc=$(dirname "$(command -v nvcc)")/../include
+# nvcc's own include directory, as nvcc reports it (nvcc may be a wrapper script elsewhere on PATH)
+cuda_inc=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ INCLUDES="-I\([^"]*\)".*/\1/p' | head -1)
+[ -f "$cuda_inc/cuda_runtime.h" ] || echo "FAIL - cuda include directory: no cuda_runtime.h in '$cuda_inc' (from nvcc --dryrun)"
 if ! gcc -O1 -march=native -std=gnu11 -fopenmp -I. -c -o "$out/cpu_ref.o" dev/cuda/cpu_ref.c > "$out/cpu_ref.log" 2>&1; then
     echo "FAIL - compiles: dev/cuda/cpu_ref.c"
     grep -E "error" "$out/cpu_ref.log" | head -8 | sed 's/^/    /'
