@@ -219,6 +219,15 @@ static void free_v1(V1Scratch *s, bf16 *att) {
     cudaCheck(cudaFree(att));
 }
 
+// One result h (host copy, freed here) against the reference, named "<label> B=.. T=.. C=.. NH=..".
+static void check_result(const char *label, float *h, const float *ref, size_t n, double tol, int B, int T, int C,
+                         int NH) {
+    char what[160];
+    snprintf(what, sizeof what, "%s B=%d T=%d C=%d NH=%d", label, B, T, C, NH);
+    dev_check(what, ref_rel_err(h, ref, n), tol);
+    free(h);
+}
+
 // Both versions (v2 only: v1 = 0) against attn_ref at (B, T, C, NH).
 static void check(int B, int T, int C, int NH, int v1) {
     int hs = C / NH;
@@ -235,40 +244,28 @@ static void check(int B, int T, int C, int NH, int v1) {
     cudaCheck(cudaMalloc(&dqkv2, n3 * 2));
     cudaCheck(cudaMalloc(&lse, nl * 4));
     cudaCheck(cudaMalloc(&scratch, attention_scratch_floats(B, T, NH) * 4));
-    char what[160];
-    float *h;
     if (v1) {
         V1Scratch s;
         bf16 *att;
         alloc_v1(&s, &att, B, T, C, NH);
         attention_forward_v1(out, att, d_qkv, &s, B, T, C, NH, scale, main_stream);
         attention_backward_v1(dqkv, d_dout, d_qkv, att, &s, B, T, C, NH, scale, main_stream);
-        snprintf(what, sizeof what, "v1 forward B=%d T=%d C=%d NH=%d", B, T, C, NH);
-        dev_check(what, ref_rel_err(h = dev_to_host_bf16(out, n), rout, n), 2e-2);
-        free(h);
-        snprintf(what, sizeof what, "v1 backward (dq, dk, dv) B=%d T=%d C=%d NH=%d", B, T, C, NH);
-        dev_check(what, ref_rel_err(h = dev_to_host_bf16(dqkv, n3), rdqkv, n3), 2e-2);
-        free(h);
+        check_result("v1 forward", dev_to_host_bf16(out, n), rout, n, 2e-2, B, T, C, NH);
+        check_result("v1 backward (dq, dk, dv)", dev_to_host_bf16(dqkv, n3), rdqkv, n3, 2e-2, B, T, C, NH);
         free_v1(&s, att);
     }
     attention_forward(out, lse, d_qkv, B, T, C, NH, scale, main_stream);
-    snprintf(what, sizeof what, "v2 forward B=%d T=%d C=%d NH=%d", B, T, C, NH);
-    dev_check(what, ref_rel_err(h = dev_to_host_bf16(out, n), rout, n), 2e-2);
-    free(h);
-    snprintf(what, sizeof what, "v2 forward lse B=%d T=%d C=%d NH=%d", B, T, C, NH);
-    dev_check(what, ref_rel_err(h = dev_to_host_f32(lse, nl), rlse, nl), 1e-4);
-    free(h);
+    check_result("v2 forward", dev_to_host_bf16(out, n), rout, n, 2e-2, B, T, C, NH);
+    check_result("v2 forward lse", dev_to_host_f32(lse, nl), rlse, nl, 1e-4, B, T, C, NH);
     cudaCheck(cudaMemset(dqkv, 0xFF, n3 * 2));   // NaN: every entry must be written
     attention_backward(dqkv, d_dout, d_qkv, out, lse, scratch, B, T, C, NH, scale, main_stream);
-    snprintf(what, sizeof what, "v2 backward (dq, dk, dv) B=%d T=%d C=%d NH=%d", B, T, C, NH);
-    dev_check(what, ref_rel_err(h = dev_to_host_bf16(dqkv, n3), rdqkv, n3), 2e-2);
+    float *h = dev_to_host_bf16(dqkv, n3);
     attention_backward(dqkv2, d_dout, d_qkv, out, lse, scratch, B, T, C, NH, scale, main_stream);
     float *h2 = dev_to_host_bf16(dqkv2, n3);
-    snprintf(what, sizeof what, "v2 backward is deterministic B=%d T=%d C=%d NH=%d", B, T, C, NH);
     int same = !memcmp(h, h2, n3 * 4);
-    printf("%s - %s\n", same ? "ok" : "FAIL", what);
+    printf("%s - v2 backward is deterministic B=%d T=%d C=%d NH=%d\n", same ? "ok" : "FAIL", B, T, C, NH);
     dev_failures += !same;
-    free(h);
+    check_result("v2 backward (dq, dk, dv)", h, rdqkv, n3, 2e-2, B, T, C, NH);
     free(h2);
     cudaCheck(cudaFree(out)); cudaCheck(cudaFree(dqkv)); cudaCheck(cudaFree(dqkv2));
     cudaCheck(cudaFree(lse)); cudaCheck(cudaFree(scratch)); cudaCheck(cudaFree(d_qkv)); cudaCheck(cudaFree(d_dout));
