@@ -75,8 +75,9 @@ NVCC_FLAGS  += -arch=sm_90 -std=c++17 -I. -Xcompiler -fopenmp
 NVCC_LDLIBS := -lcublasLt -lcublas -lnccl -lcjson -lpcre2-8 -lm
 CUDA_DEPS   := $(wildcard llmc/*.cuh) $(HEADERS)
 CUDA_DEV    := $(patsubst dev/cuda/%.cu,build/cuda/%,$(wildcard dev/cuda/*.cu))
-# nvcc's include directory as nvcc reports it (on some machines nvcc is a wrapper script in /usr/local/bin)
-CUDA_INC    := $(shell $(NVCC) --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^\#\$$ INCLUDES="-I\([^"]*\)".*/\1/p' | head -1)
+# nvcc's include directory as nvcc reports it (on some machines nvcc is a wrapper script in /usr/local/bin);
+# evaluated only where used (=, not :=), so that other targets do not run nvcc
+CUDA_INC     = $(shell $(NVCC) --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^\#\$$ INCLUDES="-I\([^"]*\)".*/\1/p' | head -1)
 
 .PHONY: cuda test-cuda bench-cuda check-gpu
 cuda: train_gpt2cu build/cuda/test_gpt2_cuda $(CUDA_DEV)
