@@ -6,7 +6,7 @@
 //   g_n = softmax of logits_n over S_n;   y_n = sum_{e in S_n} g_{n,e} BTT_e(x_n)   (no bias).
 //
 // API (N tokens; E = s->experts, k = s->top_k; mid = m1*n0, one expert's intermediate width):
-//   size_t moe_saved_floats(s, N)     kept from forward for backward: z' of every routed slot (N*k, mid),
+//   size_t moe_saved_floats(s, N)     kept from forward for backward: z' of every routed slot (k, N, mid),
 //                                     the full softmax (N, E) and logsumexp (N) of the logits, the gates
 //                                     (N, k), and the routing as ints in float slots
 //   size_t moe_scratch_floats(s, N)   temporaries of forward and backward (contents not kept); depends
@@ -21,23 +21,26 @@
 //       daux = d(objective)/d(this layer's aux); x, W0, W1, G, saved as given to moe_forward.
 // Results are bit-identical run to run for a fixed thread count (every sum has a fixed order).
 //
-// How: the N*k (token, slot) pairs are grouped by (slot, expert), a stable counting sort. Slot by slot,
-// each group's rows are cut into chunks of BD_TC tokens, and a thread takes a chunk through both stages
-// of its expert while it is in cache, with blockdiag.h's chunk kernels (bd_apply_rows, bd_weight_rows,
-// bd_transpose_rows) on the expert's cores packed once per call: gather x's rows, stage 1, the
-// permutation (z' saved), stage 2, then y_n (+)= g * out. Within one slot every token appears once, so
-// the threads write disjoint rows of y (and dx in backward) and the slots are summed in slot order.
-// Weight and router gradients are summed per thread, then in thread order (as blockdiag.h's fused BTT).
-// Memory sees x once for the router and once per slot, z', y once per slot: close to what k rank-1
-// BTTs on all tokens see (the gathers and the combine run on chunks in cache).
-// The gathers and scatters are most of the routing overhead (one thread, mlp_proj shape: 32 ms of
-// copies in a layer 36 ms slower than k rank-1 BTTs; 2026-11-23). Measured and not better, pinned to
-// one core: reading and writing the rows in place through token tables in the chunk kernels (with
-// and without prefetching the same rows' next block), grouping by ranges of 256..1024 tokens so that
-// x and dx stay in the last-level cache (the kernels then reload every expert's cores per range), and
-// prefetching the next chunk's rows while this one computes. Random rows are not followed by the
-// hardware prefetchers, and on this machine no software prefetch made their DRAM traffic overlap the
-// compute.
+// How: the tokens are grouped by their set of k experts (moe_group: a stable sort by the experts in
+// ascending order), so tokens with the same experts are consecutive. A thread takes a chunk of BD_TC
+// consecutive grouped tokens: it gathers their x rows once, and for each position j < k runs each run
+// of rows sharing their j-th expert through both stages of that expert while it is in cache, with
+// blockdiag.h's chunk kernels (bd_apply_rows, bd_weight_rows, bd_transpose_rows) on the experts' cores
+// packed once per call: stage 1, the permutation (z' saved), stage 2; y_n = sum_j g_j out_j is summed
+// in the chunk and each y row written once. Backward likewise gathers a chunk's dy and x rows once,
+// sums the k experts' and the router's dx of each token in the chunk, and writes each dx row once.
+// Each token is in exactly one chunk, so the threads write disjoint rows of y and dx. Weight and
+// router gradients are summed per thread, then in thread order (as blockdiag.h's fused BTT).
+// Memory sees x once for the router and once in each of forward and backward, dy, y, dx once, z'
+// once per slot: less than k rank-1 BTTs on all tokens, which read x, dy and write y, dx k times. The
+// y and dx rows are streamed (non-temporal stores): written once, they are not read back soon.
+// Measured (one thread, 2026-11-24, dev/bench/bench_moe): grouping by (slot, expert) instead, which
+// gathers every x and dy row and writes every y and dx row k times (the second time read-modify-write),
+// made the layer 1.42x k rank-1 BTTs; this grouping and the streamed rows, 1.19-1.23x. Random rows
+// are not followed by the hardware prefetchers, and no software prefetch made their DRAM traffic
+// overlap the compute (tried: the next chunk's rows during this chunk's kernels, rows read in place
+// through token tables, token ranges kept in the last-level cache): the way to a lower overhead is
+// fewer passes over the rows, not hiding them.
 //
 // Baseline, for tests and benchmarks (what the BTT-MoE papers' code does): all E experts computed on
 // every token as the rank-E BTT, the intermediate masked by the gates; same routing, aux and API:
@@ -51,6 +54,10 @@
 #include <string.h>
 #include <cblas.h>
 #include <omp.h>
+#include <stdint.h>
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
 #include "llmc/blockdiag.h"
 #include "llmc/structure.h"
 
@@ -67,18 +74,19 @@ typedef float moe_vec __attribute__((vector_size(BD_VW * 4), aligned(4), may_ali
 
 static int moe_mid(const Structure *s) { return s->m1 * s->n0; }
 
-// a . b over n floats: vector partial sums, then lanes and tail in a fixed order.
+// a . b over n floats: four vector partial sums (independent chains, so the FMAs overlap), then lanes
+// and tail in a fixed order.
 static float moe_dot(const float *a, const float *b, int n) {
-    moe_vec s0 = {0}, s1 = {0};
+    moe_vec s[4] = {{0}, {0}, {0}, {0}};
     int i = 0;
-    for (; i + 2 * BD_VW <= n; i += 2 * BD_VW) {
-        s0 += *(const moe_vec *)(a + i) * *(const moe_vec *)(b + i);
-        s1 += *(const moe_vec *)(a + i + BD_VW) * *(const moe_vec *)(b + i + BD_VW);
-    }
-    for (; i + BD_VW <= n; i += BD_VW) s0 += *(const moe_vec *)(a + i) * *(const moe_vec *)(b + i);
-    s0 += s1;
+    for (; i + 4 * BD_VW <= n; i += 4 * BD_VW)
+        for (int u = 0; u < 4; u++) s[u] += *(const moe_vec *)(a + i + u * BD_VW) * *(const moe_vec *)(b + i + u * BD_VW);
+    for (; i + BD_VW <= n; i += BD_VW) s[0] += *(const moe_vec *)(a + i) * *(const moe_vec *)(b + i);
+    s[0] += s[1];
+    s[2] += s[3];
+    s[0] += s[2];
     float lanes[BD_VW], sum = 0.0f;
-    memcpy(lanes, &s0, sizeof lanes);
+    memcpy(lanes, &s[0], sizeof lanes);
     for (int l = 0; l < BD_VW; l++) sum += lanes[l];
     for (; i < n; i++) sum += a[i] * b[i];
     return sum;
@@ -86,18 +94,20 @@ static float moe_dot(const float *a, const float *b, int n) {
 
 // Views into the saved buffer: zfloats of intermediates first, then the routing.
 typedef struct {
-    float *z;       // grouped path: z' (N*k, mid) of each grouped row; baseline: z (N, mid*E)
+    float *z;       // grouped path: z' (k, N, mid), row r of block j: grouped row r's j-th expert;
+                    // baseline: z (N, mid*E)
     float *probs;   // (N, E) full softmax of the logits
     float *lse;     // (N) logsumexp of the logits
     float *gate;    // (N, k): slot t of token n at n*k + t
     int *sel;       // (N, k): selected experts, highest logit first
-    int *src;       // (N*k): slot n*k + t of grouped row r (its token: src[r] / k)
-    int *off;       // (k*E + 1): group (t, e) = grouped rows [off[t*E + e], off[t*E + e + 1])
+    int *src;       // (N, k): src[r*k + j] = the slot n*k + t of grouped row r's j-th expert in
+                    // ascending expert order (its token: n = src[r*k + j] / k, the same for every j)
+    int *count;     // (E): routed slots per expert (f_e = count[e] / (N*k))
 } MoeSaved;
 
 static size_t moe_routing_floats(const Structure *s, int N) {
     size_t Nk = (size_t)N * s->top_k;
-    return (size_t)N * (s->experts + 1) + 3 * Nk + (size_t)s->top_k * s->experts + 1;
+    return (size_t)N * (s->experts + 1) + 3 * Nk + (size_t)s->experts;
 }
 
 static MoeSaved moe_saved_view(const Structure *s, const float *saved, size_t zfloats, int N) {
@@ -109,15 +119,8 @@ static MoeSaved moe_saved_view(const Structure *s, const float *saved, size_t zf
     v.gate = v.lse + N;
     v.sel = (int *)(v.gate + Nk);
     v.src = v.sel + Nk;
-    v.off = v.src + Nk;
+    v.count = v.src + Nk;
     return v;
-}
-
-// Routed slots of expert e over all k slots (f_e = this / (N*k)).
-static int moe_count(const Structure *s, const int *off, int e) {
-    int c = 0;
-    for (int t = 0; t < s->top_k; t++) c += off[t * s->experts + e + 1] - off[t * s->experts + e];
-    return c;
 }
 
 // ----------------------------------------------------------------------------
@@ -201,16 +204,35 @@ static void moe_route(const Structure *s, const MoeSaved *sv, const float *x, co
     }
 }
 
-// Stable grouping of the N*k slots by (slot, expert): off by an exclusive scan of the counts; within a
-// group tokens ascend. src: grouped row -> slot. O(N*k), serial.
-static void moe_group(const Structure *s, const MoeSaved *sv, int N) {
-    int E = s->experts, k = s->top_k, G = k * E;
-    int *off = sv->off, cursor[G];
-    for (int g = 0; g <= G; g++) off[g] = 0;
-    for (int i = 0; i < N * k; i++) off[(i % k) * E + sv->sel[i] + 1]++;
-    for (int g = 0; g < G; g++) off[g + 1] += off[g];
-    for (int g = 0; g < G; g++) cursor[g] = off[g];
-    for (int i = 0; i < N * k; i++) sv->src[cursor[(i % k) * E + sv->sel[i]]++] = i;
+// Groups the tokens by their set of experts: each token's slots in ascending expert order, then the
+// tokens sorted stably by that tuple (lexicographic: an LSD radix sort, k passes of a counting sort by
+// one position's expert, the last position first). Each token is one grouped row, so its x and dy
+// rows are read and its y and dx rows written once however large k is, and tokens with the same
+// experts are consecutive rows for the chunk kernels. Also the counts. O(N*k*(1 + E/N)), serial.
+// tmp: N*k + 2N ints.
+static void moe_group(const Structure *s, const MoeSaved *sv, int N, int *tmp) {
+    int E = s->experts, k = s->top_k, cnt[E + 1];
+    int *ord = tmp, *a = ord + (size_t)N * k, *b = a + N;
+    for (int e = 0; e < E; e++) sv->count[e] = 0;
+    for (int n = 0; n < N; n++) {
+        int *o = ord + (size_t)n * k;
+        for (int t = 0; t < k; t++) {  // insertion sort of token n's k slots by expert
+            int slot = n * k + t, u = t;
+            for (; u > 0 && sv->sel[o[u - 1]] > sv->sel[slot]; u--) o[u] = o[u - 1];
+            o[u] = slot;
+            sv->count[sv->sel[slot]]++;
+        }
+        a[n] = n;
+    }
+    for (int j = k - 1; j >= 0; j--) {
+        for (int e = 0; e <= E; e++) cnt[e] = 0;
+        for (int i = 0; i < N; i++) cnt[sv->sel[ord[(size_t)a[i] * k + j]] + 1]++;
+        for (int e = 0; e < E; e++) cnt[e + 1] += cnt[e];
+        for (int i = 0; i < N; i++) b[cnt[sv->sel[ord[(size_t)a[i] * k + j]]]++] = a[i];
+        int *swap = a; a = b; b = swap;
+    }
+    for (int r = 0; r < N; r++)
+        for (int j = 0; j < k; j++) sv->src[(size_t)r * k + j] = ord[(size_t)a[r] * k + j];
 }
 
 // aux = E sum_e P_e f_e + z_weight mean_n lse_n^2, summed serially in double (a fixed order).
@@ -223,7 +245,7 @@ static float moe_aux_loss(const Structure *s, const MoeSaved *sv, int N, float z
         z += (double)sv->lse[n] * sv->lse[n];
     }
     for (int e = 0; e < E; e++) {
-        double f = moe_count(s, sv->off, e) / slots;
+        double f = sv->count[e] / slots;
         aux += P[e] / N * f;
         if (load) load[e] = (float)f;
     }
@@ -246,8 +268,8 @@ static void moe_router_dlogits(const Structure *s, float *dl, const MoeSaved *sv
     for (int t = 0; t < k; t++) dl[sv->sel[(size_t)n * k + t]] += (float)(hn[t] - g[t] * hs);
 }
 
-static void moe_fractions(const Structure *s, double *f, const int *off, int N) {
-    for (int e = 0; e < s->experts; e++) f[e] = moe_count(s, off, e) / ((double)N * s->top_k);
+static void moe_fractions(const Structure *s, double *f, const int *count, int N) {
+    for (int e = 0; e < s->experts; e++) f[e] = count[e] / ((double)N * s->top_k);
 }
 
 // ----------------------------------------------------------------------------
@@ -303,88 +325,126 @@ static void moe_pack(const Structure *s, float *P0, float *P1, const float *W0, 
         }
 }
 
-// Work items: chunks of at most BD_TC rows of one (slot, expert) group, in group order: item i starts
-// at grouped row items[2i] in group items[2i+1]; slot t's items are [first[t], first[t+1]).
-static void moe_items(const Structure *s, const int *off, int *items, int *first) {
-    int E = s->experts, n = 0;
-    for (int t = 0; t < s->top_k; t++) {
-        first[t] = n;
-        for (int g = t * E; g < (t + 1) * E; g++)
-            for (int r = off[g]; r < off[g + 1]; r += BD_TC) { items[2 * n] = r; items[2 * n + 1] = g; n++; }
-    }
-    first[s->top_k] = n;
-}
-static size_t moe_max_items(const Structure *s, int N) {
-    return (size_t)N * s->top_k / BD_TC + (size_t)s->top_k * s->experts + 1;
-}
-// Item it: first grouped row, expert, row count.
-static int moe_item(const Structure *s, const int *off, const int *items, int it, int *e, int *rows) {
-    int r0 = items[2 * it], g = items[2 * it + 1];
-    *e = g % s->experts;
-    *rows = off[g + 1] - r0 < BD_TC ? off[g + 1] - r0 : BD_TC;
-    return r0;
-}
-
-// Chunk rows are scattered over x, y, dy, dx, which the hardware prefetchers do not follow: a loop over
-// them requests the lines of the row MOE_AHEAD rows ahead, so that several rows are in flight at once.
+// out (rows, width): row r = base's row tok[r]. The rows are scattered over x and dy, which the hardware
+// prefetchers do not follow: the loop requests the lines of the row MOE_AHEAD rows ahead, so that
+// several rows are in flight at once.
 #define MOE_AHEAD 2
-static void moe_prefetch_row(const float *row, int width, int for_write) {
-    for (size_t b = 0; b < (size_t)width * sizeof(float); b += 64) {
-        if (for_write) __builtin_prefetch((const char *)row + b, 1, 3);
-        else __builtin_prefetch((const char *)row + b, 0, 3);
+static void moe_gather_rows(float *out, const float *base, const int *tok, int rows, int width) {
+    for (int r = 0; r < rows; r++) {
+        if (r + MOE_AHEAD < rows) {
+            const char *ahead = (const char *)(base + (size_t)tok[r + MOE_AHEAD] * width);
+            for (size_t b = 0; b < (size_t)width * sizeof(float); b += 64) __builtin_prefetch(ahead + b, 0, 3);
+        }
+        memcpy(out + (size_t)r * width, base + (size_t)tok[r] * width, (size_t)width * sizeof(float));
     }
 }
 
-// out (rows, width): row r = g_r * (base's row of the token of slot src[r]), g_r = gate[src[r]] (gate NULL: 1).
-static void moe_gather_rows(float *out, const float *base, const int *src, const float *gate, int k, int rows,
-                            int width) {
-    for (int r = 0; r < rows; r++) {
-        if (r + MOE_AHEAD < rows) moe_prefetch_row(base + (size_t)(src[r + MOE_AHEAD] / k) * width, width, 0);
-        const float *in = base + (size_t)(src[r] / k) * width;
-        float *o = out + (size_t)r * width;
-        if (gate) { float g = gate[src[r]]; for (int c = 0; c < width; c++) o[c] = g * in[c]; }
-        else memcpy(o, in, (size_t)width * sizeof(float));
-    }
+// A vector stored to p: around the caches (non-temporal: the line is not read before it is written)
+// where p is vector-aligned and the instruction exists, else a plain store.
+static inline void moe_put(float *p, moe_vec v) {
+#if defined(__AVX512F__) && BD_VW == 16
+    if ((uintptr_t)p % 64 == 0) { _mm512_stream_ps(p, (__m512)v); return; }
+#elif defined(__AVX__) && BD_VW == 8
+    if ((uintptr_t)p % 32 == 0) { _mm256_stream_ps(p, (__m256)v); return; }
+#endif
+    *(moe_vec *)p = v;
+}
+static inline void moe_put_fence(void) {  // streamed stores are weakly ordered: visible before the barrier
+#if defined(__SSE__)
+    _mm_sfence();
+#endif
 }
 
-// The inverse, accumulating per slot: base's row of the token of slot src[r] = (add ? itself : 0) + g_r *
-// row r of in (rows, width), g_r as above.
-static void moe_scatter_rows(float *base, const float *in, const int *src, const float *gate, int k, int rows,
-                             int width, int add) {
+// Row r of out (row tok[r] where tok is given, else row r) = (acc ? ca[r] * acc's row r : 0) + g[r] * in's
+// row r (ca, g NULL: 1). acc may be out itself (tok NULL). Rows of out through tok (y, dx: written once
+// per layer, out of cache) go through moe_put (streamed where aligned: when the buffer is aligned to a
+// vector, as every row is when width is a multiple of one). The arithmetic of an element depends only
+// on its column (vectors from the row's start, then a scalar tail), never on the alignment, so results
+// do not depend on where the buffers are.
+static void moe_axpy_rows(float *out, const int *tok, const float *acc, const float *ca, const float *g,
+                          const float *in, int rows, int width) {
     for (int r = 0; r < rows; r++) {
-        if (r + MOE_AHEAD < rows) moe_prefetch_row(base + (size_t)(src[r + MOE_AHEAD] / k) * width, width, 1);
-        float *o = base + (size_t)(src[r] / k) * width, g = gate ? gate[src[r]] : 1.0f;
-        const float *i = in + (size_t)r * width;
-        if (add) for (int c = 0; c < width; c++) o[c] += g * i[c];
-        else for (int c = 0; c < width; c++) o[c] = g * i[c];
+        float *o = out + (size_t)(tok ? tok[r] : r) * width, gr = g ? g[r] : 1.0f, cr = ca ? ca[r] : 1.0f;
+        const float *i = in + (size_t)r * width, *c = acc ? acc + (size_t)r * width : NULL;
+        int j = 0;
+        for (; j + BD_VW <= width; j += BD_VW) {
+            moe_vec v = gr * *(const moe_vec *)(i + j);
+            if (c) v += cr * *(const moe_vec *)(c + j);
+            if (tok) moe_put(o + j, v);
+            else *(moe_vec *)(o + j) = v;
+        }
+        for (; j < width; j++) o[j] = c ? gr * i[j] + cr * c[j] : gr * i[j];
     }
+    if (tok) moe_put_fence();
+}
+
+// The router's part of dx, added as the chunk's dx rows are written: dx's row tok[r] = in's row r +
+// sum_e dl[r*E + e] G_e (G (E, width)), stored as in moe_axpy_rows. One pass over the rows instead of a
+// multiply-add pass in cache (dx += dl G on the chunk kernels) and then the copy.
+static void moe_scatter_dx(float *dx, const int *tok, const float *in, const float *dl, const float *G, int E,
+                           int rows, int width) {
+    for (int r = 0; r < rows; r++) {
+        float *o = dx + (size_t)tok[r] * width;
+        const float *i = in + (size_t)r * width, *l = dl + (size_t)r * E;
+        int j = 0;
+        for (; j + BD_VW <= width; j += BD_VW) {
+            moe_vec v = *(const moe_vec *)(i + j);
+            for (int e = 0; e < E; e++) v += l[e] * *(const moe_vec *)(G + (size_t)e * width + j);
+            moe_put(o + j, v);
+        }
+        for (; j < width; j++) {
+            float v = i[j];
+            for (int e = 0; e < E; e++) v += l[e] * G[(size_t)e * width + j];
+            o[j] = v;
+        }
+    }
+    moe_put_fence();
+}
+
+// Chunks: BD_TC consecutive grouped rows (tokens). Within a chunk, the rows whose j-th expert is the
+// same form runs (consecutive, by the grouping); the chunk kernels run once per run.
+static int moe_chunks(int N) { return (N + BD_TC - 1) / BD_TC; }
+static int moe_chunk(const MoeSaved *sv, int k, int ch, int N, int *tok) {  // first row; tok: the rows' tokens
+    int r0 = ch * BD_TC, rows = N - r0 < BD_TC ? N - r0 : BD_TC;
+    for (int r = 0; r < rows; r++) tok[r] = sv->src[(size_t)(r0 + r) * k] / k;
+    return rows;
+}
+// The run of the chunk's rows from a (chunk row) whose j-th expert is that of row a: its end, its
+// expert, and the gates of its rows.
+static int moe_run(const MoeSaved *sv, int k, int r0, int j, int a, int rows, int *e, float *g) {
+    const int *src = sv->src + (size_t)r0 * k + j;
+    int b = a;
+    *e = sv->sel[src[(size_t)a * k]];
+    for (; b < rows && sv->sel[src[(size_t)b * k]] == *e; b++) g[b - a] = sv->gate[src[(size_t)b * k]];
+    return b;
 }
 
 static size_t moe_saved_floats(const Structure *s, int N) {
     return (size_t)N * s->top_k * moe_mid(s) + moe_routing_floats(s, N);
 }
 
-// Per thread: forward x rows (BD_TC, d_in), z (BD_TC, mid), out (BD_TC, d_out); backward dy then dx
-// rows (BD_TC, max(d_in, d_out)), x rows (BD_TC, d_in), dz' and dz (BD_TC, mid) each, the router's
-// dlogits (BD_TC, E), bd_weight_rows' padded copy (BD_TC, max(m0, m1, d_in) rounded up), and the partial
-// gradients: dW0, dW1 (E times one expert's) and dG (E, d_in).
+// Per thread: forward x rows (BD_TC, d_in), z (BD_TC, mid), one expert's out and the sum over experts
+// (BD_TC, d_out) each; backward dy rows and the gated dy of a run (BD_TC, d_out) each, x rows and dx
+// (BD_TC, d_in) each, dz' and dz (BD_TC, mid) each, the router's dlogits (BD_TC, E), bd_weight_rows'
+// padded copy (BD_TC, max(m0, m1, d_in) rounded up), and the partial gradients: dW0, dW1 (E times
+// one expert's) and dG (E, d_in).
 static size_t moe_thread_floats(const Structure *s, int backward) {
-    size_t E = s->experts, mid = moe_mid(s), d_in = s->d_in, d_out = s->d_out, wide = d_in > d_out ? d_in : d_out;
-    if (!backward) return (size_t)BD_TC * (d_in + mid + d_out);
+    size_t E = s->experts, mid = moe_mid(s), d_in = s->d_in, d_out = s->d_out;
+    if (!backward) return (size_t)BD_TC * (d_in + mid + 2 * d_out);
     int p = s->m0 > s->m1 ? s->m0 : s->m1;
     size_t xpw = bd_round_up(p > s->d_in ? p : s->d_in, BD_VW);
     size_t grads = E * ((size_t)s->m1 * s->n0 * s->m0 + (size_t)s->n0 * s->n1 * s->m1 + d_in);
-    return (size_t)BD_TC * (wide + d_in + 2 * mid + E + xpw) + grads;
+    return (size_t)BD_TC * (2 * d_out + 2 * d_in + 2 * mid + E + xpw) + grads;
 }
 
-// Shared: packed cores (forward or backward), the work items (ints); in backward also h (N*k) and G
-// padded to rows of d_in rounded up (E, ldG). Then the threads' own.
+// Shared: packed cores (forward or backward); in forward the grouping's N*k + 2N ints, in backward h
+// (N*k). Then the threads' own.
 static size_t moe_scratch_floats(const Structure *s, int N) {
     size_t best = 0;
     for (int b = 0; b < 2; b++) {
         MoePack pk = moe_pack_shape(s, b);
-        size_t n = s->experts * (pk.e0 + pk.e1) + 2 * moe_max_items(s, N) + s->top_k + 1 +
-                   (b ? (size_t)N * s->top_k + (size_t)s->experts * bd_round_up(s->d_in, BD_VW) : 0) +
+        size_t n = s->experts * (pk.e0 + pk.e1) +
+                   (size_t)N * (b ? s->top_k : s->top_k + 2) +
                    moe_thread_floats(s, b) * omp_get_max_threads();
         if (n > best) best = n;
     }
@@ -397,97 +457,101 @@ static float moe_forward(const Structure *s, float *y, const float *x, const flo
     int m1 = s->m1, m0 = s->m0, n0 = s->n0, n1 = s->n1, nth = omp_get_max_threads();
     MoeSaved sv = moe_saved_view(s, saved, (size_t)N * k * mid, N);
     if (N <= 0) return 0.0f;
-    moe_route(s, &sv, x, G, N);
-    moe_group(s, &sv, N);
-    float aux = moe_aux_loss(s, &sv, N, z_weight, load);
-
     MoePack pk = moe_pack_shape(s, 0);
     float *P0 = scratch, *P1 = P0 + E * pk.e0;
-    int *items = (int *)(P1 + E * pk.e1), *first = items + 2 * moe_max_items(s, N);
-    float *per_thread = (float *)(first + k + 1);
+    int *group_tmp = (int *)(P1 + E * pk.e1);
+    float *per_thread = (float *)(group_tmp + (size_t)N * (k + 2));
+    moe_route(s, &sv, x, G, N);
+    moe_group(s, &sv, N, group_tmp);
+    float aux = moe_aux_loss(s, &sv, N, z_weight, load);
     moe_pack(s, P0, P1, W0, W1, 0);
-    moe_items(s, sv.off, items, first);
     #pragma omp parallel num_threads(nth)
     {
         float *xr = per_thread + (size_t)omp_get_thread_num() * moe_thread_floats(s, 0);
-        float *zb = xr + (size_t)BD_TC * d_in, *ob = zb + (size_t)BD_TC * mid;
-        for (int t = 0; t < k; t++) {
-            // Items are independent (each writes its own rows of z' and y, summing nothing across
-            // items): dynamic, as blockdiag.h's fused forward, so a thread the OS delays does not hold
-            // up the others; the result does not depend on which thread takes an item.
-            #pragma omp for schedule(dynamic, 1)
-            for (int it = first[t]; it < first[t + 1]; it++) {
-                int e, rows, r0 = moe_item(s, sv.off, items, it, &e, &rows);
-                const int *src = sv.src + r0;
-                float *zp = sv.z + (size_t)r0 * mid;
-                moe_gather_rows(xr, x, src, NULL, k, rows, d_in);
-                bd_apply_rows(zb, mid, xr, d_in, P0 + e * pk.e0, pk.ld0, rows, m1, m0, n0, 0.0f);
-                bd_transpose_rows(zp, zb, rows, m1, n0, 1);
-                bd_apply_rows(ob, d_out, zp, mid, P1 + e * pk.e1, pk.ld1, rows, n0, m1, n1, 0.0f);
-                moe_scatter_rows(y, ob, src, sv.gate, k, rows, d_out, t > 0);  // slot 0 writes y_n, later slots add
-            }
+        float *zb = xr + (size_t)BD_TC * d_in, *ob = zb + (size_t)BD_TC * mid, *yb = ob + (size_t)BD_TC * d_out;
+        int tok[BD_TC];
+        float g[BD_TC], g_first[BD_TC];
+        // Chunks are independent (each writes its own rows of z' and y): dynamic, as blockdiag.h's fused
+        // forward, so a thread the OS delays does not hold up the others; the result does not depend on
+        // which thread takes a chunk.
+        #pragma omp for schedule(dynamic, 1)
+        for (int ch = 0; ch < moe_chunks(N); ch++) {
+            int r0 = ch * BD_TC, rows = moe_chunk(&sv, k, ch, N, tok);
+            moe_gather_rows(xr, x, tok, rows, d_in);
+            for (int j = 0; j < k; j++)
+                for (int a = 0, b, e; a < rows; a = b) {
+                    b = moe_run(&sv, k, r0, j, a, rows, &e, g);
+                    float *zp = sv.z + ((size_t)j * N + r0 + a) * mid;
+                    bd_apply_rows(zb, mid, xr + (size_t)a * d_in, d_in, P0 + e * pk.e0, pk.ld0, b - a, m1, m0, n0, 0.0f);
+                    bd_transpose_rows(zp, zb, b - a, m1, n0, 1);
+                    // y_n = sum over j of g_j out_j, in the chunk buffer yb: the first expert's out straight
+                    // into it (its gate applied with the second term's), the last term straight into y
+                    float *ya = yb + (size_t)a * d_out;
+                    bd_apply_rows(j ? ob : ya, d_out, zp, mid, P1 + e * pk.e1, pk.ld1, b - a, n0, m1, n1, 0.0f);
+                    if (j == 0) memcpy(g_first + a, g, (size_t)(b - a) * sizeof(float));
+                    else if (j < k - 1) moe_axpy_rows(ya, NULL, ya, j == 1 ? g_first + a : NULL, g, ob, b - a, d_out);
+                    else moe_axpy_rows(y, tok + a, ya, j == 1 ? g_first + a : NULL, g, ob, b - a, d_out);
+                }
+            if (k == 1) moe_axpy_rows(y, tok, NULL, NULL, g_first, yb, rows, d_out);
         }
     }
     return aux;
 }
 
-// Per chunk of expert e's rows of slot t, with D = g dy (gathered and gated) and z' saved:
+// Per run of expert e in chunk position j, with D = g dy (gated from the chunk's dy rows) and z' saved:
 //   dW1_e += D^T z';  dz' = D W1_e;  h = dz' . z' = g * d(objective)/dg  (dz' is already gated);
-//   dz = dz' permuted back;  dW0_e += dz^T x;  dx_n (+)= dz W0_e.
-// At the last slot every h of the chunk's tokens is known: their router gradient dl (rows, E) gives
-// dx_n += dl G and dG += dl^T x (the x rows are in the chunk), on the same chunk kernels.
+//   dz = dz' permuted back;  dW0_e += dz^T x;  dx (+)= dz W0_e   (the chunk's dx rows, in cache).
+// After the last position every h of the chunk's tokens is known: their router gradient dl (rows, E)
+// gives dG += dl^T x on the chunk kernels, and dx += dl G as the chunk's dx rows are written.
 static void moe_backward(const Structure *s, float *dx, float *dW0, float *dW1, float *dG, const float *dy,
                          float daux, float z_weight, const float *x, const float *W0, const float *W1,
                          const float *G, const float *saved, float *scratch, int N) {
     int E = s->experts, k = s->top_k, d_in = s->d_in, d_out = s->d_out, mid = moe_mid(s);
     int m1 = s->m1, m0 = s->m0, n0 = s->n0, n1 = s->n1, nth = omp_get_max_threads();
-    size_t e0 = (size_t)m1 * n0 * m0, e1 = (size_t)n0 * n1 * m1, wide = d_in > d_out ? d_in : d_out;
+    size_t e0 = (size_t)m1 * n0 * m0, e1 = (size_t)n0 * n1 * m1;
     size_t per = moe_thread_floats(s, 1);
     size_t grads = E * (e0 + e1 + d_in), bufs = per - grads;
     if (N <= 0) return;
     MoeSaved sv = moe_saved_view(s, saved, (size_t)N * k * mid, N);
     MoePack pk = moe_pack_shape(s, 1);
-    int ldG = bd_round_up(d_in, BD_VW);
     float *Q0 = scratch, *Q1 = Q0 + E * pk.e0;
-    int *items = (int *)(Q1 + E * pk.e1), *first = items + 2 * moe_max_items(s, N);
-    float *h = (float *)(first + k + 1), *Gp = h + (size_t)N * k, *per_thread = Gp + (size_t)E * ldG;
+    float *h = Q1 + E * pk.e1, *per_thread = h + (size_t)N * k;
     double f[E];
-    moe_fractions(s, f, sv.off, N);
+    moe_fractions(s, f, sv.count, N);
     moe_pack(s, Q0, Q1, W0, W1, 1);
-    for (int e = 0; e < E; e++) {  // G as the B operand of dx += dlogits G: rows readable to ldG
-        memcpy(Gp + (size_t)e * ldG, G + (size_t)e * d_in, (size_t)d_in * sizeof(float));
-        memset(Gp + (size_t)e * ldG + d_in, 0, (size_t)(ldG - d_in) * sizeof(float));
-    }
-    moe_items(s, sv.off, items, first);
     #pragma omp parallel num_threads(nth)
     {
         float *mine = per_thread + (size_t)omp_get_thread_num() * per;
-        float *dr = mine, *xr = dr + (size_t)BD_TC * wide, *dzp = xr + (size_t)BD_TC * d_in;
-        float *dz = dzp + (size_t)BD_TC * mid, *dl = dz + (size_t)BD_TC * mid, *xp = dl + (size_t)BD_TC * E;
+        float *dyr = mine, *dr = dyr + (size_t)BD_TC * d_out, *xr = dr + (size_t)BD_TC * d_out;
+        float *dxb = xr + (size_t)BD_TC * d_in, *dzp = dxb + (size_t)BD_TC * d_in, *dz = dzp + (size_t)BD_TC * mid;
+        float *dl = dz + (size_t)BD_TC * mid, *xp = dl + (size_t)BD_TC * E;
         float *g0 = mine + bufs, *g1 = g0 + E * e0, *gG = g1 + E * e1;  // this thread's dW0_e, dW1_e, dG
+        int tok[BD_TC];
+        float g[BD_TC];
         memset(g0, 0, grads * sizeof(float));
-        for (int t = 0; t < k; t++) {
-            #pragma omp for schedule(static)
-            for (int it = first[t]; it < first[t + 1]; it++) {
-                int e, rows, r0 = moe_item(s, sv.off, items, it, &e, &rows);
-                const int *src = sv.src + r0;
-                const float *zp = sv.z + (size_t)r0 * mid;
-                moe_gather_rows(dr, dy, src, sv.gate, k, rows, d_out);
-                bd_weight_rows(g1 + e * e1, dr, d_out, zp, mid, rows, 0, n0, 0, n1, m1, n1, xp);
-                bd_apply_rows(dzp, mid, dr, d_out, Q1 + e * pk.e1, pk.ld1, rows, n0, n1, m1, 0.0f);
-                for (int r = 0; r < rows; r++) h[src[r]] = moe_dot(dzp + (size_t)r * mid, zp + (size_t)r * mid, mid);
-                bd_transpose_rows(dz, dzp, rows, n0, m1, 1);
-                moe_gather_rows(xr, x, src, NULL, k, rows, d_in);
-                bd_weight_rows(g0 + e * e0, dz, mid, xr, d_in, rows, 0, m1, 0, n0, m0, n0, xp);
-                bd_apply_rows(dr, d_in, dz, mid, Q0 + e * pk.e0, pk.ld0, rows, m1, n0, m0, 0.0f);
-                if (t == k - 1) {  // the chunk's tokens have all their h: dx += dl G, dG += dl^T x
-                    for (int r = 0; r < rows; r++)
-                        moe_router_dlogits(s, dl + (size_t)r * E, &sv, h, f, daux, z_weight, src[r] / k, N);
-                    bd_apply_rows(dr, d_in, dl, E, Gp, ldG, rows, 1, E, d_in, 1.0f);
-                    bd_weight_rows(gG, dl, E, xr, d_in, rows, 0, 1, 0, E, d_in, E, xp);
+        // Static: which chunks a thread sums into its partial gradients is fixed (bit-reproducible).
+        #pragma omp for schedule(static)
+        for (int ch = 0; ch < moe_chunks(N); ch++) {
+            int r0 = ch * BD_TC, rows = moe_chunk(&sv, k, ch, N, tok);
+            moe_gather_rows(dyr, dy, tok, rows, d_out);
+            moe_gather_rows(xr, x, tok, rows, d_in);
+            for (int j = 0; j < k; j++)
+                for (int a = 0, b, e; a < rows; a = b) {
+                    b = moe_run(&sv, k, r0, j, a, rows, &e, g);
+                    int n = b - a;
+                    const float *zp = sv.z + ((size_t)j * N + r0 + a) * mid;
+                    const int *src = sv.src + (size_t)(r0 + a) * k + j;
+                    moe_axpy_rows(dr, NULL, NULL, NULL, g, dyr + (size_t)a * d_out, n, d_out);
+                    bd_weight_rows(g1 + e * e1, dr, d_out, zp, mid, n, 0, n0, 0, n1, m1, n1, xp);
+                    bd_apply_rows(dzp, mid, dr, d_out, Q1 + e * pk.e1, pk.ld1, n, n0, n1, m1, 0.0f);
+                    for (int r = 0; r < n; r++) h[src[(size_t)r * k]] = moe_dot(dzp + (size_t)r * mid, zp + (size_t)r * mid, mid);
+                    bd_transpose_rows(dz, dzp, n, n0, m1, 1);
+                    bd_weight_rows(g0 + e * e0, dz, mid, xr + (size_t)a * d_in, d_in, n, 0, m1, 0, n0, m0, n0, xp);
+                    bd_apply_rows(dxb + (size_t)a * d_in, d_in, dz, mid, Q0 + e * pk.e0, pk.ld0, n, m1, n0, m0, j ? 1.0f : 0.0f);
                 }
-                moe_scatter_rows(dx, dr, src, NULL, k, rows, d_in, t > 0);
-            }
+            for (int r = 0; r < rows; r++) moe_router_dlogits(s, dl + (size_t)r * E, &sv, h, f, daux, z_weight, tok[r], N);
+            bd_weight_rows(gG, dl, E, xr, d_in, rows, 0, 1, 0, E, d_in, E, xp);
+            moe_scatter_dx(dx, tok, dxb, dl, G, E, rows, d_in);
         }
         // dW0, dW1, dG += the threads' partial sums, in thread order, back into the strided layouts.
         #pragma omp for collapse(2) schedule(static)
@@ -555,7 +619,7 @@ static float moe_dense_masked_forward(const Structure *s, float *y, const float 
     MoeSaved sv = moe_saved_view(s, saved, (size_t)N * midE, N);
     float *zg = scratch, *zpg = zg + (size_t)N * midE;
     moe_route(s, &sv, x, G, N);
-    moe_group(s, &sv, N);
+    moe_group(s, &sv, N, (int *)scratch);  // the counts (scratch is N*k + 2N ints long before zg is written)
     float aux = moe_aux_loss(s, &sv, N, z_weight, load);
     const CoreShape *c0 = &s->core[0], *c1 = &s->core[1];
     blockdiag_forward(sv.z, midE, x, s->d_in, W0, N, c0->nb, c0->p, c0->q, 0.0f);
@@ -579,7 +643,7 @@ static void moe_dense_masked_backward(const Structure *s, float *dx, float *dW0,
     blockdiag_backward_input(a, midE, dy, s->d_out, W1, N, c1->nb, c1->p, c1->q, 0.0f);
     token_transpose(b, a, N, s->mid.b, s->mid.a, s->mid.r);                 // d(gated z) (N, (i1 j0 e))
     double f[E];
-    moe_fractions(s, f, sv.off, N);
+    moe_fractions(s, f, sv.count, N);
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {  // dgate_e = sum_c d(gated z)_(c e) z_(c e); dz = gate * d(gated z)
         double dgate[E];
