@@ -21,26 +21,30 @@
 //       daux = d(objective)/d(this layer's aux); x, W0, W1, G, saved as given to moe_forward.
 // Results are bit-identical run to run for a fixed thread count (every sum has a fixed order).
 //
-// How: the tokens are grouped by their set of k experts (moe_group: a stable sort by the experts in
-// ascending order), so tokens with the same experts are consecutive. A thread takes a chunk of BD_TC
-// consecutive grouped tokens: it gathers their x rows once, and for each position j < k runs each run
+// How: each token's k experts are taken in ascending order (positions 0..k-1), and the positions are
+// processed in passes (moe_group, moe_pass_positions): a pass orders the tokens by their experts at its
+// positions, so tokens sharing them are consecutive. A thread takes a chunk of BD_TC consecutive
+// tokens of a pass: it gathers their x rows once, and for each of the pass's positions j runs each run
 // of rows sharing their j-th expert through both stages of that expert while it is in cache, with
 // blockdiag.h's chunk kernels (bd_apply_rows, bd_weight_rows, bd_transpose_rows) on the experts' cores
-// packed once per call: stage 1, the permutation (z' saved), stage 2; y_n = sum_j g_j out_j is summed
-// in the chunk and each y row written once. Backward likewise gathers a chunk's dy and x rows once,
-// sums the k experts' and the router's dx of each token in the chunk, and writes each dx row once.
-// Each token is in exactly one chunk, so the threads write disjoint rows of y and dx. Weight and
-// router gradients are summed per thread, then in thread order (as blockdiag.h's fused BTT).
-// Memory sees x once for the router and once in each of forward and backward, dy, y, dx once, z'
-// once per slot: less than k rank-1 BTTs on all tokens, which read x, dy and write y, dx k times. The
-// y and dx rows are streamed (non-temporal stores): written once, they are not read back soon.
-// Measured (one thread, 2026-11-24, dev/bench/bench_moe): grouping by (slot, expert) instead, which
-// gathers every x and dy row and writes every y and dx row k times (the second time read-modify-write),
-// made the layer 1.42x k rank-1 BTTs; this grouping and the streamed rows, 1.19-1.23x. Random rows
-// are not followed by the hardware prefetchers, and no software prefetch made their DRAM traffic
-// overlap the compute (tried: the next chunk's rows during this chunk's kernels, rows read in place
-// through token tables, token ranges kept in the last-level cache): the way to a lower overhead is
-// fewer passes over the rows, not hiding them.
+// packed once per call: stage 1, the permutation (z' saved), stage 2; y_n (+)= sum_j g_j out_j is
+// summed in the chunk and each y row written once per pass. Backward likewise gathers a chunk's dy and
+// x rows once per pass, sums the pass's experts' dx (and in the last pass the router's) in the chunk,
+// and writes each dx row once per pass. Each token is in one chunk of a pass, so the threads write
+// disjoint rows of y and dx. Weight and router gradients are summed per thread, then in thread order
+// (as blockdiag.h's fused BTT).
+// Few experts (E=8, k=2 at 4096 tokens): one pass, so memory sees x once for the router and once in
+// each of forward and backward, dy, y, dx once, z' once per slot: less than k rank-1 BTTs on all
+// tokens, which read x, dy and write y, dx k times. Many experts (E=64, k=4): one position per pass
+// (grouping by expert), so that every run is long enough for the kernels. The y and dx rows of a first
+// pass are streamed (non-temporal stores): written once, they are not read back soon.
+// Measured (one thread, 2026-11-24, dev/bench/bench_moe ... cpu, grouped / k rank-1 BTTs): grouping
+// by expert for every E, k (a pass per position, as before this grouping): 1.45 at E=8, k=2; the passes
+// and the streamed rows: 1.21-1.23 (E=16, k=4: 1.47 -> 1.33; E=64, k=4: 2.2 -> 2.1). Random rows are
+// not followed by the hardware prefetchers, and no software prefetch made their DRAM traffic overlap
+// the compute (tried: the next chunk's rows during this chunk's kernels, rows read in place through
+// token tables, token ranges kept in the last-level cache): the way to a lower overhead is fewer
+// passes over the rows, not hiding them.
 //
 // Baseline, for tests and benchmarks (what the BTT-MoE papers' code does): all E experts computed on
 // every token as the rank-E BTT, the intermediate masked by the gates; same routing, aux and API:
@@ -100,8 +104,8 @@ typedef struct {
     float *lse;     // (N) logsumexp of the logits
     float *gate;    // (N, k): slot t of token n at n*k + t
     int *sel;       // (N, k): selected experts, highest logit first
-    int *src;       // (N, k): src[r*k + j] = the slot n*k + t of grouped row r's j-th expert in
-                    // ascending expert order (its token: n = src[r*k + j] / k, the same for every j)
+    int *src;       // (k, N): src[j*N + r] = the slot n*k + t of the j-th expert (ascending expert
+                    // order) of row r of the order of j's pass (moe_group; its token: n = slot / k)
     int *count;     // (E): routed slots per expert (f_e = count[e] / (N*k))
 } MoeSaved;
 
@@ -204,14 +208,32 @@ static void moe_route(const Structure *s, const MoeSaved *sv, const float *x, co
     }
 }
 
-// Groups the tokens by their set of experts: each token's slots in ascending expert order, then the
-// tokens sorted stably by that tuple (lexicographic: an LSD radix sort, k passes of a counting sort by
-// one position's expert, the last position first). Each token is one grouped row, so its x and dy
-// rows are read and its y and dx rows written once however large k is, and tokens with the same
-// experts are consecutive rows for the chunk kernels. Also the counts. O(N*k*(1 + E/N)), serial.
-// tmp: N*k + 2N ints.
+// The k positions (each token's experts in ascending order) are processed in passes of
+// moe_pass_positions(s, N) consecutive positions. A pass orders the tokens by their experts at its
+// positions (lexicographic), so that tokens sharing them are consecutive rows; each token is one row
+// of each pass, so its x and dy rows are read and its y and dx rows written once per pass. One pass of
+// all k positions is best while its runs of rows sharing an expert stay long: the mean run at the
+// pass's last position is at least N / C(E - k + m, m) for m positions (m consecutive order statistics
+// of a k-subset of E experts: an m-subset of E - k + m values). With many experts, passes of fewer
+// positions keep the runs long (one position per pass: grouping by expert).
+#define MOE_MIN_RUN 24   // rows: half a chunk
+static int moe_pass_override = 0;  // tests: positions per pass (0: chosen as below)
+static int moe_pass_positions(const Structure *s, int N) {
+    int k = s->top_k, free_ = s->experts - k, m = 1;
+    if (moe_pass_override > 0) return moe_pass_override < k ? moe_pass_override : k;
+    double tuples = free_ + 1;  // C(free_ + m, m)
+    while (m < k && N >= MOE_MIN_RUN * (tuples * (free_ + m + 1) / (m + 1))) {
+        tuples = tuples * (free_ + m + 1) / (m + 1);
+        m++;
+    }
+    return m;
+}
+
+// src of every pass: each token's slots in ascending expert order, then per pass the tokens sorted
+// stably by their experts at the pass's positions (an LSD radix sort: one counting sort per position,
+// the last first). Also the counts. O(N*k + E*k), serial. tmp: N*k + 2N ints.
 static void moe_group(const Structure *s, const MoeSaved *sv, int N, int *tmp) {
-    int E = s->experts, k = s->top_k, cnt[E + 1];
+    int E = s->experts, k = s->top_k, m = moe_pass_positions(s, N), cnt[E + 1];
     int *ord = tmp, *a = ord + (size_t)N * k, *b = a + N;
     for (int e = 0; e < E; e++) sv->count[e] = 0;
     for (int n = 0; n < N; n++) {
@@ -222,17 +244,20 @@ static void moe_group(const Structure *s, const MoeSaved *sv, int N, int *tmp) {
             o[u] = slot;
             sv->count[sv->sel[slot]]++;
         }
-        a[n] = n;
     }
-    for (int j = k - 1; j >= 0; j--) {
-        for (int e = 0; e <= E; e++) cnt[e] = 0;
-        for (int i = 0; i < N; i++) cnt[sv->sel[ord[(size_t)a[i] * k + j]] + 1]++;
-        for (int e = 0; e < E; e++) cnt[e + 1] += cnt[e];
-        for (int i = 0; i < N; i++) b[cnt[sv->sel[ord[(size_t)a[i] * k + j]]]++] = a[i];
-        int *swap = a; a = b; b = swap;
+    for (int j0 = 0; j0 < k; j0 += m) {
+        int j1 = j0 + m < k ? j0 + m : k;
+        for (int n = 0; n < N; n++) a[n] = n;
+        for (int j = j1 - 1; j >= j0; j--) {
+            for (int e = 0; e <= E; e++) cnt[e] = 0;
+            for (int i = 0; i < N; i++) cnt[sv->sel[ord[(size_t)a[i] * k + j]] + 1]++;
+            for (int e = 0; e < E; e++) cnt[e + 1] += cnt[e];
+            for (int i = 0; i < N; i++) b[cnt[sv->sel[ord[(size_t)a[i] * k + j]]]++] = a[i];
+            int *swap = a; a = b; b = swap;
+        }
+        for (int j = j0; j < j1; j++)
+            for (int r = 0; r < N; r++) sv->src[(size_t)j * N + r] = ord[(size_t)a[r] * k + j];
     }
-    for (int r = 0; r < N; r++)
-        for (int j = 0; j < k; j++) sv->src[(size_t)r * k + j] = ord[(size_t)a[r] * k + j];
 }
 
 // aux = E sum_e P_e f_e + z_weight mean_n lse_n^2, summed serially in double (a fixed order).
@@ -325,16 +350,17 @@ static void moe_pack(const Structure *s, float *P0, float *P1, const float *W0, 
         }
 }
 
-// out (rows, width): row r = base's row tok[r]. The rows are scattered over x and dy, which the hardware
-// prefetchers do not follow: the loop requests the lines of the row MOE_AHEAD rows ahead, so that
-// several rows are in flight at once.
+// Chunk rows are scattered over x, y, dy, dx, which the hardware prefetchers do not follow: a loop over
+// them requests the lines of the row MOE_AHEAD rows ahead, so that several rows are in flight at once.
 #define MOE_AHEAD 2
+static void moe_prefetch_row(const float *row, int width) {
+    for (size_t b = 0; b < (size_t)width * sizeof(float); b += 64) __builtin_prefetch((const char *)row + b, 0, 3);
+}
+
+// out (rows, width): row r = base's row tok[r].
 static void moe_gather_rows(float *out, const float *base, const int *tok, int rows, int width) {
     for (int r = 0; r < rows; r++) {
-        if (r + MOE_AHEAD < rows) {
-            const char *ahead = (const char *)(base + (size_t)tok[r + MOE_AHEAD] * width);
-            for (size_t b = 0; b < (size_t)width * sizeof(float); b += 64) __builtin_prefetch(ahead + b, 0, 3);
-        }
+        if (r + MOE_AHEAD < rows) moe_prefetch_row(base + (size_t)tok[r + MOE_AHEAD] * width, width);
         memcpy(out + (size_t)r * width, base + (size_t)tok[r] * width, (size_t)width * sizeof(float));
     }
 }
@@ -355,67 +381,51 @@ static inline void moe_put_fence(void) {  // streamed stores are weakly ordered:
 #endif
 }
 
-// Row r of out (row tok[r] where tok is given, else row r) = (acc ? ca[r] * acc's row r : 0) + g[r] * in's
-// row r (ca, g NULL: 1). acc may be out itself (tok NULL). Rows of out through tok (y, dx: written once
-// per layer, out of cache) go through moe_put (streamed where aligned: when the buffer is aligned to a
-// vector, as every row is when width is a multiple of one). The arithmetic of an element depends only
-// on its column (vectors from the row's start, then a scalar tail), never on the alignment, so results
-// do not depend on where the buffers are.
-static void moe_axpy_rows(float *out, const int *tok, const float *acc, const float *ca, const float *g,
+// Row r of out (row tok[r] where tok is given, else row r) = (add ? itself : 0) + (acc ? ca[r] * acc's
+// row r : 0) + g[r] * in's row r (ca, g NULL: 1). acc may be out itself (tok NULL). Rows of out through
+// tok (y, dx: written once per pass, out of cache) go through moe_put (streamed where aligned: when the
+// buffer is aligned to a vector, as every row is when width is a multiple of one). The arithmetic of
+// an element depends only on its column (vectors from the row's start, then a scalar tail), never on
+// the alignment, so results do not depend on where the buffers are.
+static void moe_axpy_rows(float *out, const int *tok, int add, const float *acc, const float *ca, const float *g,
                           const float *in, int rows, int width) {
     for (int r = 0; r < rows; r++) {
         float *o = out + (size_t)(tok ? tok[r] : r) * width, gr = g ? g[r] : 1.0f, cr = ca ? ca[r] : 1.0f;
         const float *i = in + (size_t)r * width, *c = acc ? acc + (size_t)r * width : NULL;
         int j = 0;
+        if (tok && add && r + MOE_AHEAD < rows) moe_prefetch_row(out + (size_t)tok[r + MOE_AHEAD] * width, width);
         for (; j + BD_VW <= width; j += BD_VW) {
             moe_vec v = gr * *(const moe_vec *)(i + j);
             if (c) v += cr * *(const moe_vec *)(c + j);
-            if (tok) moe_put(o + j, v);
+            if (add) v += *(const moe_vec *)(o + j);
+            if (tok && !add) moe_put(o + j, v);
             else *(moe_vec *)(o + j) = v;
         }
-        for (; j < width; j++) o[j] = c ? gr * i[j] + cr * c[j] : gr * i[j];
+        for (; j < width; j++) {
+            float v = gr * i[j];
+            if (c) v += cr * c[j];
+            o[j] = add ? v + o[j] : v;
+        }
     }
     if (tok) moe_put_fence();
 }
 
-// The router's part of dx, added as the chunk's dx rows are written: dx's row tok[r] = in's row r +
-// sum_e dl[r*E + e] G_e (G (E, width)), stored as in moe_axpy_rows. One pass over the rows instead of a
-// multiply-add pass in cache (dx += dl G on the chunk kernels) and then the copy.
-static void moe_scatter_dx(float *dx, const int *tok, const float *in, const float *dl, const float *G, int E,
-                           int rows, int width) {
-    for (int r = 0; r < rows; r++) {
-        float *o = dx + (size_t)tok[r] * width;
-        const float *i = in + (size_t)r * width, *l = dl + (size_t)r * E;
-        int j = 0;
-        for (; j + BD_VW <= width; j += BD_VW) {
-            moe_vec v = *(const moe_vec *)(i + j);
-            for (int e = 0; e < E; e++) v += l[e] * *(const moe_vec *)(G + (size_t)e * width + j);
-            moe_put(o + j, v);
-        }
-        for (; j < width; j++) {
-            float v = i[j];
-            for (int e = 0; e < E; e++) v += l[e] * G[(size_t)e * width + j];
-            o[j] = v;
-        }
-    }
-    moe_put_fence();
-}
-
-// Chunks: BD_TC consecutive grouped rows (tokens). Within a chunk, the rows whose j-th expert is the
-// same form runs (consecutive, by the grouping); the chunk kernels run once per run.
+// Chunks: BD_TC consecutive rows of a pass's order (tokens). Within a chunk, the rows whose j-th expert
+// is the same form runs (consecutive, by the grouping); the chunk kernels run once per run.
 static int moe_chunks(int N) { return (N + BD_TC - 1) / BD_TC; }
-static int moe_chunk(const MoeSaved *sv, int k, int ch, int N, int *tok) {  // first row; tok: the rows' tokens
+// Chunk ch of the pass starting at position j0: its row count; tok gets the rows' tokens.
+static int moe_chunk(const MoeSaved *sv, int k, int j0, int ch, int N, int *tok) {
     int r0 = ch * BD_TC, rows = N - r0 < BD_TC ? N - r0 : BD_TC;
-    for (int r = 0; r < rows; r++) tok[r] = sv->src[(size_t)(r0 + r) * k] / k;
+    for (int r = 0; r < rows; r++) tok[r] = sv->src[(size_t)j0 * N + r0 + r] / k;
     return rows;
 }
-// The run of the chunk's rows from a (chunk row) whose j-th expert is that of row a: its end, its
-// expert, and the gates of its rows.
-static int moe_run(const MoeSaved *sv, int k, int r0, int j, int a, int rows, int *e, float *g) {
-    const int *src = sv->src + (size_t)r0 * k + j;
+// The run of the chunk's rows (from row r0) that starts at chunk row a and shares a's j-th expert: its
+// end, its expert, and the gates of its rows.
+static int moe_run(const MoeSaved *sv, int N, int r0, int j, int a, int rows, int *e, float *g) {
+    const int *src = sv->src + (size_t)j * N + r0;
     int b = a;
-    *e = sv->sel[src[(size_t)a * k]];
-    for (; b < rows && sv->sel[src[(size_t)b * k]] == *e; b++) g[b - a] = sv->gate[src[(size_t)b * k]];
+    *e = sv->sel[src[a]];
+    for (; b < rows && sv->sel[src[b]] == *e; b++) g[b - a] = sv->gate[src[b]];
     return b;
 }
 
@@ -438,13 +448,14 @@ static size_t moe_thread_floats(const Structure *s, int backward) {
 }
 
 // Shared: packed cores (forward or backward); in forward the grouping's N*k + 2N ints, in backward h
-// (N*k). Then the threads' own.
+// (N*k) and G padded to rows of d_in rounded up (E, ldG). Then the threads' own.
 static size_t moe_scratch_floats(const Structure *s, int N) {
     size_t best = 0;
     for (int b = 0; b < 2; b++) {
         MoePack pk = moe_pack_shape(s, b);
         size_t n = s->experts * (pk.e0 + pk.e1) +
-                   (size_t)N * (b ? s->top_k : s->top_k + 2) +
+                   (b ? (size_t)N * s->top_k + (size_t)s->experts * bd_round_up(s->d_in, BD_VW)
+                      : (size_t)N * (s->top_k + 2)) +
                    moe_thread_floats(s, b) * omp_get_max_threads();
         if (n > best) best = n;
     }
@@ -454,7 +465,7 @@ static size_t moe_scratch_floats(const Structure *s, int N) {
 static float moe_forward(const Structure *s, float *y, const float *x, const float *W0, const float *W1,
                          const float *G, float z_weight, float *saved, float *scratch, int N, float *load) {
     int E = s->experts, k = s->top_k, d_in = s->d_in, d_out = s->d_out, mid = moe_mid(s);
-    int m1 = s->m1, m0 = s->m0, n0 = s->n0, n1 = s->n1, nth = omp_get_max_threads();
+    int m1 = s->m1, m0 = s->m0, n0 = s->n0, n1 = s->n1, nth = omp_get_max_threads(), m = moe_pass_positions(s, N);
     MoeSaved sv = moe_saved_view(s, saved, (size_t)N * k * mid, N);
     if (N <= 0) return 0.0f;
     MoePack pk = moe_pack_shape(s, 0);
@@ -471,28 +482,32 @@ static float moe_forward(const Structure *s, float *y, const float *x, const flo
         float *zb = xr + (size_t)BD_TC * d_in, *ob = zb + (size_t)BD_TC * mid, *yb = ob + (size_t)BD_TC * d_out;
         int tok[BD_TC];
         float g[BD_TC], g_first[BD_TC];
-        // Chunks are independent (each writes its own rows of z' and y): dynamic, as blockdiag.h's fused
-        // forward, so a thread the OS delays does not hold up the others; the result does not depend on
-        // which thread takes a chunk.
-        #pragma omp for schedule(dynamic, 1)
-        for (int ch = 0; ch < moe_chunks(N); ch++) {
-            int r0 = ch * BD_TC, rows = moe_chunk(&sv, k, ch, N, tok);
-            moe_gather_rows(xr, x, tok, rows, d_in);
-            for (int j = 0; j < k; j++)
-                for (int a = 0, b, e; a < rows; a = b) {
-                    b = moe_run(&sv, k, r0, j, a, rows, &e, g);
-                    float *zp = sv.z + ((size_t)j * N + r0 + a) * mid;
-                    bd_apply_rows(zb, mid, xr + (size_t)a * d_in, d_in, P0 + e * pk.e0, pk.ld0, b - a, m1, m0, n0, 0.0f);
-                    bd_transpose_rows(zp, zb, b - a, m1, n0, 1);
-                    // y_n = sum over j of g_j out_j, in the chunk buffer yb: the first expert's out straight
-                    // into it (its gate applied with the second term's), the last term straight into y
-                    float *ya = yb + (size_t)a * d_out;
-                    bd_apply_rows(j ? ob : ya, d_out, zp, mid, P1 + e * pk.e1, pk.ld1, b - a, n0, m1, n1, 0.0f);
-                    if (j == 0) memcpy(g_first + a, g, (size_t)(b - a) * sizeof(float));
-                    else if (j < k - 1) moe_axpy_rows(ya, NULL, ya, j == 1 ? g_first + a : NULL, g, ob, b - a, d_out);
-                    else moe_axpy_rows(y, tok + a, ya, j == 1 ? g_first + a : NULL, g, ob, b - a, d_out);
-                }
-            if (k == 1) moe_axpy_rows(y, tok, NULL, NULL, g_first, yb, rows, d_out);
+        for (int j0 = 0; j0 < k; j0 += m) {
+            int j1 = j0 + m < k ? j0 + m : k;
+            // Chunks are independent (each writes its own rows of z' and y): dynamic, as blockdiag.h's
+            // fused forward, so a thread the OS delays does not hold up the others; the result does not
+            // depend on which thread takes a chunk.
+            #pragma omp for schedule(dynamic, 1)
+            for (int ch = 0; ch < moe_chunks(N); ch++) {
+                int r0 = ch * BD_TC, rows = moe_chunk(&sv, k, j0, ch, N, tok);
+                moe_gather_rows(xr, x, tok, rows, d_in);
+                for (int j = j0; j < j1; j++)
+                    for (int a = 0, b, e; a < rows; a = b) {
+                        b = moe_run(&sv, N, r0, j, a, rows, &e, g);
+                        float *zp = sv.z + ((size_t)j * N + r0 + a) * mid, *ya = yb + (size_t)a * d_out;
+                        bd_apply_rows(zb, mid, xr + (size_t)a * d_in, d_in, P0 + e * pk.e0, pk.ld0, b - a, m1, m0, n0, 0.0f);
+                        bd_transpose_rows(zp, zb, b - a, m1, n0, 1);
+                        // y_n (+)= the pass's sum of g_j out_j, in the chunk buffer yb: the first expert's
+                        // out straight into it (its gate applied with the second term's), the last term
+                        // straight into y
+                        bd_apply_rows(j > j0 ? ob : ya, d_out, zp, mid, P1 + e * pk.e1, pk.ld1, b - a, n0, m1, n1, 0.0f);
+                        const float *ca = j == j0 + 1 ? g_first + a : NULL;
+                        if (j == j0) memcpy(g_first + a, g, (size_t)(b - a) * sizeof(float));
+                        else if (j < j1 - 1) moe_axpy_rows(ya, NULL, 0, ya, ca, g, ob, b - a, d_out);
+                        else moe_axpy_rows(y, tok + a, j0 > 0, ya, ca, g, ob, b - a, d_out);
+                    }
+                if (j1 - j0 == 1) moe_axpy_rows(y, tok, j0 > 0, NULL, NULL, g_first, yb, rows, d_out);
+            }
         }
     }
     return aux;
@@ -501,13 +516,13 @@ static float moe_forward(const Structure *s, float *y, const float *x, const flo
 // Per run of expert e in chunk position j, with D = g dy (gated from the chunk's dy rows) and z' saved:
 //   dW1_e += D^T z';  dz' = D W1_e;  h = dz' . z' = g * d(objective)/dg  (dz' is already gated);
 //   dz = dz' permuted back;  dW0_e += dz^T x;  dx (+)= dz W0_e   (the chunk's dx rows, in cache).
-// After the last position every h of the chunk's tokens is known: their router gradient dl (rows, E)
-// gives dG += dl^T x on the chunk kernels, and dx += dl G as the chunk's dx rows are written.
+// In the last pass every h of the chunk's tokens is known: their router gradient dl (rows, E) gives
+// dx += dl G and dG += dl^T x on the same chunk kernels. Then the chunk's dx rows are written.
 static void moe_backward(const Structure *s, float *dx, float *dW0, float *dW1, float *dG, const float *dy,
                          float daux, float z_weight, const float *x, const float *W0, const float *W1,
                          const float *G, const float *saved, float *scratch, int N) {
     int E = s->experts, k = s->top_k, d_in = s->d_in, d_out = s->d_out, mid = moe_mid(s);
-    int m1 = s->m1, m0 = s->m0, n0 = s->n0, n1 = s->n1, nth = omp_get_max_threads();
+    int m1 = s->m1, m0 = s->m0, n0 = s->n0, n1 = s->n1, nth = omp_get_max_threads(), m = moe_pass_positions(s, N);
     size_t e0 = (size_t)m1 * n0 * m0, e1 = (size_t)n0 * n1 * m1;
     size_t per = moe_thread_floats(s, 1);
     size_t grads = E * (e0 + e1 + d_in), bufs = per - grads;
@@ -515,10 +530,15 @@ static void moe_backward(const Structure *s, float *dx, float *dW0, float *dW1, 
     MoeSaved sv = moe_saved_view(s, saved, (size_t)N * k * mid, N);
     MoePack pk = moe_pack_shape(s, 1);
     float *Q0 = scratch, *Q1 = Q0 + E * pk.e0;
-    float *h = Q1 + E * pk.e1, *per_thread = h + (size_t)N * k;
+    int ldG = bd_round_up(d_in, BD_VW);
+    float *h = Q1 + E * pk.e1, *Gp = h + (size_t)N * k, *per_thread = Gp + (size_t)E * ldG;
     double f[E];
     moe_fractions(s, f, sv.count, N);
     moe_pack(s, Q0, Q1, W0, W1, 1);
+    for (int e = 0; e < E; e++) {  // G as the B operand of dx += dlogits G: rows readable to ldG
+        memcpy(Gp + (size_t)e * ldG, G + (size_t)e * d_in, (size_t)d_in * sizeof(float));
+        memset(Gp + (size_t)e * ldG + d_in, 0, (size_t)(ldG - d_in) * sizeof(float));
+    }
     #pragma omp parallel num_threads(nth)
     {
         float *mine = per_thread + (size_t)omp_get_thread_num() * per;
@@ -529,29 +549,36 @@ static void moe_backward(const Structure *s, float *dx, float *dW0, float *dW1, 
         int tok[BD_TC];
         float g[BD_TC];
         memset(g0, 0, grads * sizeof(float));
-        // Static: which chunks a thread sums into its partial gradients is fixed (bit-reproducible).
-        #pragma omp for schedule(static)
-        for (int ch = 0; ch < moe_chunks(N); ch++) {
-            int r0 = ch * BD_TC, rows = moe_chunk(&sv, k, ch, N, tok);
-            moe_gather_rows(dyr, dy, tok, rows, d_out);
-            moe_gather_rows(xr, x, tok, rows, d_in);
-            for (int j = 0; j < k; j++)
-                for (int a = 0, b, e; a < rows; a = b) {
-                    b = moe_run(&sv, k, r0, j, a, rows, &e, g);
-                    int n = b - a;
-                    const float *zp = sv.z + ((size_t)j * N + r0 + a) * mid;
-                    const int *src = sv.src + (size_t)(r0 + a) * k + j;
-                    moe_axpy_rows(dr, NULL, NULL, NULL, g, dyr + (size_t)a * d_out, n, d_out);
-                    bd_weight_rows(g1 + e * e1, dr, d_out, zp, mid, n, 0, n0, 0, n1, m1, n1, xp);
-                    bd_apply_rows(dzp, mid, dr, d_out, Q1 + e * pk.e1, pk.ld1, n, n0, n1, m1, 0.0f);
-                    for (int r = 0; r < n; r++) h[src[(size_t)r * k]] = moe_dot(dzp + (size_t)r * mid, zp + (size_t)r * mid, mid);
-                    bd_transpose_rows(dz, dzp, n, n0, m1, 1);
-                    bd_weight_rows(g0 + e * e0, dz, mid, xr + (size_t)a * d_in, d_in, n, 0, m1, 0, n0, m0, n0, xp);
-                    bd_apply_rows(dxb + (size_t)a * d_in, d_in, dz, mid, Q0 + e * pk.e0, pk.ld0, n, m1, n0, m0, j ? 1.0f : 0.0f);
+        for (int j0 = 0; j0 < k; j0 += m) {
+            int j1 = j0 + m < k ? j0 + m : k, last = j1 == k;
+            // Static: which chunks a thread sums into its partial gradients is fixed (bit-reproducible).
+            #pragma omp for schedule(static)
+            for (int ch = 0; ch < moe_chunks(N); ch++) {
+                int r0 = ch * BD_TC, rows = moe_chunk(&sv, k, j0, ch, N, tok);
+                moe_gather_rows(dyr, dy, tok, rows, d_out);
+                moe_gather_rows(xr, x, tok, rows, d_in);
+                for (int j = j0; j < j1; j++)
+                    for (int a = 0, b, e; a < rows; a = b) {
+                        b = moe_run(&sv, N, r0, j, a, rows, &e, g);
+                        int n = b - a;
+                        const float *zp = sv.z + ((size_t)j * N + r0 + a) * mid;
+                        const int *src = sv.src + (size_t)j * N + r0 + a;
+                        moe_axpy_rows(dr, NULL, 0, NULL, NULL, g, dyr + (size_t)a * d_out, n, d_out);
+                        bd_weight_rows(g1 + e * e1, dr, d_out, zp, mid, n, 0, n0, 0, n1, m1, n1, xp);
+                        bd_apply_rows(dzp, mid, dr, d_out, Q1 + e * pk.e1, pk.ld1, n, n0, n1, m1, 0.0f);
+                        for (int r = 0; r < n; r++) h[src[r]] = moe_dot(dzp + (size_t)r * mid, zp + (size_t)r * mid, mid);
+                        bd_transpose_rows(dz, dzp, n, n0, m1, 1);
+                        bd_weight_rows(g0 + e * e0, dz, mid, xr + (size_t)a * d_in, d_in, n, 0, m1, 0, n0, m0, n0, xp);
+                        bd_apply_rows(dxb + (size_t)a * d_in, d_in, dz, mid, Q0 + e * pk.e0, pk.ld0, n, m1, n0, m0,
+                                      j > j0 ? 1.0f : 0.0f);
+                    }
+                if (last) {  // every h of the chunk's tokens is known (earlier passes wrote theirs)
+                    for (int r = 0; r < rows; r++) moe_router_dlogits(s, dl + (size_t)r * E, &sv, h, f, daux, z_weight, tok[r], N);
+                    bd_apply_rows(dxb, d_in, dl, E, Gp, ldG, rows, 1, E, d_in, 1.0f);
+                    bd_weight_rows(gG, dl, E, xr, d_in, rows, 0, 1, 0, E, d_in, E, xp);
                 }
-            for (int r = 0; r < rows; r++) moe_router_dlogits(s, dl + (size_t)r * E, &sv, h, f, daux, z_weight, tok[r], N);
-            bd_weight_rows(gG, dl, E, xr, d_in, rows, 0, 1, 0, E, d_in, E, xp);
-            moe_scatter_dx(dx, tok, dxb, dl, G, E, rows, d_in);
+                moe_axpy_rows(dx, tok, j0 > 0, NULL, NULL, NULL, dxb, rows, d_in);
+            }
         }
         // dW0, dW1, dG += the threads' partial sums, in thread order, back into the strided layouts.
         #pragma omp for collapse(2) schedule(static)

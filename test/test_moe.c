@@ -1,6 +1,7 @@
 // Tests of llmc/moe.h, the BTT-MoE layer on the CPU (DESIGN 3.6), both implementations: the grouped
-// path (moe_forward/moe_backward: only the selected experts run) and the baseline that computes all
-// experts and masks them (moe_dense_masked_*).
+// path (moe_forward/moe_backward: only the selected experts run; as chosen, and with its passes forced
+// to one position each and to all k positions at once) and the baseline that computes all experts and
+// masks them (moe_dense_masked_*).
 //  - against a double-precision re-implementation written here from DESIGN 3.6's formulas, token by
 //    token and expert by expert: y, the aux loss, the routing; every gradient (x, W0, W1, G) against
 //    central differences of the double objective L = sum(y * dy) + aux_weight * aux at points away
@@ -145,8 +146,34 @@ typedef struct {
                      const float *, const float *, const float *, const float *, const float *, float *, int);
 } Impl;
 
+// The grouped path with its passes forced (moe.h picks the positions per pass from N, E and k; these
+// small tests would mostly get one position per pass): one position per pass (grouping by expert), two
+// (with k = 4: a second pass of several positions, adding to y and dx), and all k positions in one
+// pass (grouping by the set of experts).
+#define MOE_FORCED_PASSES(NAME, POSITIONS)                                                                   \
+    static float NAME##_forward(const Structure *s, float *y, const float *x, const float *W0, const float *W1, \
+                                const float *G, float zw, float *saved, float *scratch, int N, float *load) {   \
+        moe_pass_override = POSITIONS;                                                                      \
+        float aux = moe_forward(s, y, x, W0, W1, G, zw, saved, scratch, N, load);                           \
+        moe_pass_override = 0;                                                                              \
+        return aux;                                                                                         \
+    }                                                                                                       \
+    static void NAME##_backward(const Structure *s, float *dx, float *dW0, float *dW1, float *dG, const float *dy, \
+                                float daux, float zw, const float *x, const float *W0, const float *W1,         \
+                                const float *G, const float *saved, float *scratch, int N) {                   \
+        moe_pass_override = POSITIONS;                                                                      \
+        moe_backward(s, dx, dW0, dW1, dG, dy, daux, zw, x, W0, W1, G, saved, scratch, N);                    \
+        moe_pass_override = 0;                                                                              \
+    }
+MOE_FORCED_PASSES(by_expert, 1)
+MOE_FORCED_PASSES(by_pair, 2)
+MOE_FORCED_PASSES(by_set, 1 << 30)
+
 static const Impl impls[] = {
     {"grouped", moe_saved_floats, moe_scratch_floats, moe_forward, moe_backward},
+    {"grouped by expert", moe_saved_floats, moe_scratch_floats, by_expert_forward, by_expert_backward},
+    {"grouped by 2 positions", moe_saved_floats, moe_scratch_floats, by_pair_forward, by_pair_backward},
+    {"grouped by expert set", moe_saved_floats, moe_scratch_floats, by_set_forward, by_set_backward},
     {"dense_masked", moe_dense_masked_saved_floats, moe_dense_masked_scratch_floats, moe_dense_masked_forward,
      moe_dense_masked_backward},
 };
@@ -394,11 +421,11 @@ static void test_determinism(void) {
         if (i == 0) { run_free(&a); free(scratch); free(dx); run_free(&b); continue; }
         Run g = run_layer(&impls[0], &s, N, x, W0, W1, G, dy, 0.01f, 0.1f);
         e = fmax(max_rel_err(g.y, a.y, ny, max_abs(a.y, ny)), fabs(g.aux - a.aux) / fabs(a.aux));
-        snprintf(what, sizeof what, "grouped vs dense_masked on %s N=%d: y, aux", "mlp_fc 48 -> 192 E=8 k=2", N);
+        snprintf(what, sizeof what, "grouped vs %s on %s N=%d: y, aux", im->name, "mlp_fc 48 -> 192 E=8 k=2", N);
         check(e < TOL_FWD, what, "rel err %.3g (tol %g)", e, TOL_FWD);
         e = fmax(fmax(max_rel_err(g.dx, a.dx, nx, max_abs(a.dx, nx)), max_rel_err(g.dG, a.dG, nG, max_abs(a.dG, nG))),
                  fmax(max_rel_err(g.dW0, a.dW0, n0w, max_abs(a.dW0, n0w)), max_rel_err(g.dW1, a.dW1, n1w, max_abs(a.dW1, n1w))));
-        snprintf(what, sizeof what, "grouped vs dense_masked on %s N=%d: dx, dW0, dW1, dG", "mlp_fc 48 -> 192 E=8 k=2", N);
+        snprintf(what, sizeof what, "grouped vs %s on %s N=%d: dx, dW0, dW1, dG", im->name, "mlp_fc 48 -> 192 E=8 k=2", N);
         check(e < TOL_GRAD, what, "rel err %.3g (tol %g)", e, TOL_GRAD);
         run_free(&g); run_free(&a); run_free(&b); free(scratch); free(dx);
     }
