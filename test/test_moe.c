@@ -1,7 +1,7 @@
 // Tests of llmc/moe.h, the BTT-MoE layer on the CPU (DESIGN 3.6), both implementations: the grouped
-// path (moe_forward/moe_backward: only the selected experts run; as chosen, and with its passes forced
-// to one position each and to all k positions at once) and the baseline that computes all experts and
-// masks them (moe_dense_masked_*).
+// path (moe_forward/moe_backward: only the selected experts run; with its passes as moe.h chooses,
+// and forced to 1, 2 and all k positions each) and the baseline that computes all experts and masks
+// them (moe_dense_masked_*).
 //  - against a double-precision re-implementation written here from DESIGN 3.6's formulas, token by
 //    token and expert by expert: y, the aux loss, the routing; every gradient (x, W0, W1, G) against
 //    central differences of the double objective L = sum(y * dy) + aux_weight * aux at points away
