@@ -104,8 +104,8 @@ typedef struct {
     float *lse;     // (N) logsumexp of the logits
     float *gate;    // (N, k): slot t of token n at n*k + t
     int *sel;       // (N, k): selected experts, highest logit first
-    int *src;       // (k, N): src[j*N + r] = the slot n*k + t of the j-th expert (ascending expert
-                    // order) of row r of the order of j's pass (moe_group; its token: n = slot / k)
+    int *src;       // (k, N), grouped path only: src[j*N + r] = the slot n*k + t of the j-th expert
+                    // (ascending expert order) of row r of j's pass (moe_group; its token: n = slot / k)
     int *count;     // (E): routed slots per expert (f_e = count[e] / (N*k))
 } MoeSaved;
 
@@ -228,25 +228,30 @@ static int moe_pass_positions(const Structure *s, int N) {
     }
     return m;
 }
+static int moe_pass_end(int j0, int m, int k) { return j0 + m < k ? j0 + m : k; }  // the pass [j0, end)
+
+// Routed slots per expert (both implementations: the aux loss and the loads).
+static void moe_count_routes(const Structure *s, const MoeSaved *sv, int N) {
+    for (int e = 0; e < s->experts; e++) sv->count[e] = 0;
+    for (size_t i = 0; i < (size_t)N * s->top_k; i++) sv->count[sv->sel[i]]++;
+}
 
 // src of every pass: each token's slots in ascending expert order, then per pass the tokens sorted
 // stably by their experts at the pass's positions (an LSD radix sort: one counting sort per position,
-// the last first). Also the counts. O(N*k + E*k), serial. tmp: N*k + 2N ints.
+// the last first). O(N*k + E*k), serial. tmp: N*k + 2N ints.
 static void moe_group(const Structure *s, const MoeSaved *sv, int N, int *tmp) {
     int E = s->experts, k = s->top_k, m = moe_pass_positions(s, N), cnt[E + 1];
     int *ord = tmp, *a = ord + (size_t)N * k, *b = a + N;
-    for (int e = 0; e < E; e++) sv->count[e] = 0;
     for (int n = 0; n < N; n++) {
         int *o = ord + (size_t)n * k;
         for (int t = 0; t < k; t++) {  // insertion sort of token n's k slots by expert
             int slot = n * k + t, u = t;
             for (; u > 0 && sv->sel[o[u - 1]] > sv->sel[slot]; u--) o[u] = o[u - 1];
             o[u] = slot;
-            sv->count[sv->sel[slot]]++;
         }
     }
     for (int j0 = 0; j0 < k; j0 += m) {
-        int j1 = j0 + m < k ? j0 + m : k;
+        int j1 = moe_pass_end(j0, m, k);
         for (int n = 0; n < N; n++) a[n] = n;
         for (int j = j1 - 1; j >= j0; j--) {
             for (int e = 0; e <= E; e++) cnt[e] = 0;
@@ -473,6 +478,7 @@ static float moe_forward(const Structure *s, float *y, const float *x, const flo
     int *group_tmp = (int *)(P1 + E * pk.e1);
     float *per_thread = (float *)(group_tmp + (size_t)N * (k + 2));
     moe_route(s, &sv, x, G, N);
+    moe_count_routes(s, &sv, N);
     moe_group(s, &sv, N, group_tmp);
     float aux = moe_aux_loss(s, &sv, N, z_weight, load);
     moe_pack(s, P0, P1, W0, W1, 0);
@@ -483,7 +489,7 @@ static float moe_forward(const Structure *s, float *y, const float *x, const flo
         int tok[BD_TC];
         float g[BD_TC], g_first[BD_TC];
         for (int j0 = 0; j0 < k; j0 += m) {
-            int j1 = j0 + m < k ? j0 + m : k;
+            int j1 = moe_pass_end(j0, m, k);
             // Chunks are independent (each writes its own rows of z' and y): dynamic, as blockdiag.h's
             // fused forward, so a thread the OS delays does not hold up the others; the result does not
             // depend on which thread takes a chunk.
@@ -550,7 +556,7 @@ static void moe_backward(const Structure *s, float *dx, float *dW0, float *dW1, 
         float g[BD_TC];
         memset(g0, 0, grads * sizeof(float));
         for (int j0 = 0; j0 < k; j0 += m) {
-            int j1 = j0 + m < k ? j0 + m : k, last = j1 == k;
+            int j1 = moe_pass_end(j0, m, k), last = j1 == k;
             // Static: which chunks a thread sums into its partial gradients is fixed (bit-reproducible).
             #pragma omp for schedule(static)
             for (int ch = 0; ch < moe_chunks(N); ch++) {
@@ -646,7 +652,7 @@ static float moe_dense_masked_forward(const Structure *s, float *y, const float 
     MoeSaved sv = moe_saved_view(s, saved, (size_t)N * midE, N);
     float *zg = scratch, *zpg = zg + (size_t)N * midE;
     moe_route(s, &sv, x, G, N);
-    moe_group(s, &sv, N, (int *)scratch);  // the counts (scratch is N*k + 2N ints long before zg is written)
+    moe_count_routes(s, &sv, N);
     float aux = moe_aux_loss(s, &sv, N, z_weight, load);
     const CoreShape *c0 = &s->core[0], *c1 = &s->core[1];
     blockdiag_forward(sv.z, midE, x, s->d_in, W0, N, c0->nb, c0->p, c0->q, 0.0f);
